@@ -1,0 +1,134 @@
+"""``maildefer queue QUEUE ACTION``: look into a queue and manage it from the shell.
+
+Actions: ``count``, ``keys``, ``show KEY``, ``pop``, ``remove KEY``, ``clear``,
+``requeue``. ``QUEUE`` is a path, a URL or a queue name from settings. ``requeue`` on a
+queue moves its buried messages back from the undeliverable queue; on the undeliverable
+queue itself it sends every buried message back to the queue it came from.
+
+Example:
+    >>> import tempfile
+    >>> from maildefer.cli import main
+    >>> main(["queue", tempfile.mkdtemp(), "count"])
+    0
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from maildefer.errors import ConfigError, CorruptMessageError
+from maildefer.queue import MaildirQueue, backend_for, resolve_queue
+from maildefer.queue.names import MaildirName
+from maildefer.settings import Settings
+
+ACTIONS = ("count", "keys", "show", "pop", "remove", "clear", "requeue")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``maildefer queue``.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_arguments(p)
+        >>> p.parse_args(["run/posts", "show", "KEY"]).key
+        'KEY'
+    """
+    parser.add_argument("queue", help="queue path, URL, or name from settings")
+    parser.add_argument("action", choices=ACTIONS)
+    parser.add_argument("key", nargs="?", help="message key (show, remove)")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one queue action; prints to stdout.
+
+    Example:
+        >>> import tempfile
+        >>> ns = argparse.Namespace(queue=tempfile.mkdtemp(), action="keys", key=None)
+        >>> run(ns, Settings())
+        0
+    """
+    if args.action in ("show", "remove") and not args.key:
+        raise ConfigError(f"queue {args.action}: a KEY is required")
+    return asyncio.run(_run(args, settings, sys.stdout))
+
+
+async def _run(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    backend = backend_for(settings, args.queue)
+    if not isinstance(backend, MaildirQueue):
+        raise ConfigError(f"queue {args.queue}: only maildir queues are supported here")
+    if args.action == "count":
+        print(await backend.count(), file=out)
+    elif args.action == "keys":
+        for key in await backend.keys():
+            print(key, file=out)
+    elif args.action == "show":
+        return _show(backend, settings, args.key, out)
+    elif args.action == "pop":
+        popped = await backend.pop()
+        if popped is None:
+            print("queue is empty", file=sys.stderr)
+            return 1
+        key, message = popped
+        print(f"key: {key}", file=out)
+        out.flush()
+        sys.stdout.buffer.write(message.raw)
+    elif args.action == "remove":
+        if not await backend.remove(args.key):
+            print(f"no message {args.key} in {backend.url}", file=sys.stderr)
+            return 1
+    elif args.action == "clear":
+        print(f"removed {await backend.clear()} messages", file=out)
+    elif args.action == "requeue":
+        dead_path = settings.resolve(settings.undeliverable.path)
+        if Path(backend.url).absolute() == dead_path.absolute():
+            moved = await backend.requeue()
+        else:
+            dead = MaildirQueue(dead_path)
+            moved = await dead.requeue(source=resolve_queue(settings, args.queue))
+        print(f"requeued {moved} messages", file=out)
+    return 0
+
+
+def _show(backend: MaildirQueue, settings: Settings, key: str, out: TextIO) -> int:
+    where = backend.locate(key)
+    if where is None:
+        print(f"no message {key} in {backend.url}", file=sys.stderr)
+        return 1
+    sub, filename = where
+    name = MaildirName.parse(filename)
+    state = {"new": "waiting", "later": "waiting for retry", "cur": "claimed"}[sub]
+    print(f"key:        {name.key}", file=out)
+    print(f"file:       {backend.dir(sub) / filename}", file=out)
+    print(f"state:      {state}", file=out)
+    print(f"attempts:   {name.attempts}", file=out)
+    print(f"recoveries: {name.recoveries}", file=out)
+    if name.due_ms:
+        due = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(name.due_ms / 1000))
+        print(f"due:        {due}", file=out)
+    if name.field("W"):
+        print(f"claimed by: {name.field('W')}", file=out)
+    try:
+        message = backend.read_now(sub, filename)
+    except CorruptMessageError as exc:
+        print(f"corrupt:    {exc}", file=out)
+        return 1
+    print(f"from:       {message.mail_from}", file=out)
+    print(f"to:         {', '.join(message.rcpt_tos)}", file=out)
+    print(f"peer:       {message.peer}", file=out)
+    received = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(message.received_at))
+    print(f"received:   {received}", file=out)
+    print(f"size:       {len(message.raw)} bytes", file=out)
+    record = backend.error_record(key)
+    if record is not None:
+        print("last error:", file=out)
+        print(json.dumps(record, indent=2), file=out)
+    print("headers:", file=out)
+    for header in message.keys():  # noqa: SIM118 - MailRequest is no dict
+        print(f"  {header}: {message[header]}", file=out)
+    return 0

@@ -1,0 +1,109 @@
+"""The command line: ``python -m maildefer COMMAND``; ``main(argv) -> int``.
+
+Each command lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args, settings) -> int``; this module only parses, loads settings once, configures
+logging and maps errors to exit codes: 0 success, 2 bad usage or bad settings (one line
+on stderr), 1 a failure at run time (logged).
+
+Example:
+    >>> main(["--help"])  # doctest: +ELLIPSIS
+    usage: maildefer ...
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, cast
+
+import structlog
+
+from maildefer import logs
+from maildefer.errors import ConfigError, MaildeferError
+from maildefer.settings import Settings, load_settings
+
+# (command, module, one-line help). A module is imported only when its command runs.
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("queue", "maildefer.admin", "inspect and manage a queue: count, keys, show, requeue..."),
+)
+
+
+class _Command(Protocol):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace, settings: Settings) -> int: ...
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so main() owns the exit code."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, every command's module loaded.
+
+    Example:
+        >>> build_parser().prog
+        'maildefer'
+    """
+    parser = _Parser(
+        prog="maildefer",
+        description="Receive mail over SMTP/LMTP, route it to handlers, defer work to queues.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="settings file (default: config/settings.toml)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, module, help_text in COMMANDS:
+        command = cast(_Command, importlib.import_module(module))
+        cmd_parser = sub.add_parser(name, help=help_text, description=help_text)
+        cmd_parser.add_argument(
+            "--config",
+            type=Path,
+            default=argparse.SUPPRESS,
+            help="settings file (default: config/settings.toml)",
+        )
+        command.add_arguments(cmd_parser)
+        cmd_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the process exit status.
+
+    Example:
+        >>> main(["no-such-command"])
+        2
+    """
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help and --version exit 0 through argparse
+            return int(exc.code or 0)
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"maildefer: error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(level=settings.logging.level, fmt=settings.logging.format)
+    command = cast(_Command, importlib.import_module(args._module))
+    try:
+        return command.run(args, settings)
+    except ConfigError as exc:
+        print(f"maildefer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    except MaildeferError as exc:
+        structlog.get_logger().error("failed", command=args.command, error=str(exc))
+        return 1

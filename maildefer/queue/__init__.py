@@ -1,0 +1,294 @@
+"""Queues: ``Queue("run/posts")`` picks a backend from the path or URL.
+
+A plain path is a maildir on disk (:mod:`maildefer.queue.maildir`), the embedded default.
+Handlers create queues freely (``await Queue("run/posts").push(message)``); inside
+``serve`` and ``worker`` a :class:`QueueRegistry` is active, and every ``Queue`` for the
+same place shares one backend, so concurrent pushes share their directory fsync (group
+commit) and the worker's options (retries, undeliverable path) apply.
+
+Example:
+    >>> import asyncio, tempfile
+    >>> async def demo():
+    ...     q = Queue(tempfile.mkdtemp() + "/posts")
+    ...     await q.push(b"Subject: hello\\n\\nworld\\n")
+    ...     key, message = await q.pop()
+    ...     return message["Subject"], await q.count()
+    >>> asyncio.run(demo())
+    ('hello', 0)
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from maildefer.errors import ConfigError
+from maildefer.mail import MailRequest
+from maildefer.queue.base import (
+    BuryReason,
+    Claim,
+    Pushable,
+    QueueBackend,
+    QueueOptions,
+    RecoveryReport,
+)
+from maildefer.queue.maildir import MaildirQueue
+from maildefer.settings import QueueSettings, Settings
+
+__all__ = [
+    "BuryReason",
+    "Claim",
+    "MaildirQueue",
+    "Pushable",
+    "Queue",
+    "QueueBackend",
+    "QueueOptions",
+    "QueueRegistry",
+    "RecoveryReport",
+    "backend_for",
+    "open_backend",
+    "queue_options",
+    "resolve_queue",
+]
+
+
+def open_backend(
+    ref: str | os.PathLike[str],
+    *,
+    options: QueueOptions | None = None,
+    undeliverable: str | os.PathLike[str] | None = None,
+) -> QueueBackend:
+    """A new backend for a queue path or URL.
+
+    Raises:
+        ConfigError: the URL's scheme names no backend.
+
+    Example:
+        >>> open_backend("/tmp/q-doc6").url
+        '/tmp/q-doc6'
+    """
+    text = os.fspath(ref)
+    if "://" in text:
+        scheme = text.split("://", 1)[0]
+        raise ConfigError(f"queue {text!r}: no backend for scheme {scheme!r} (expected a path)")
+    return MaildirQueue(text, options=options, undeliverable=undeliverable)
+
+
+class QueueRegistry:
+    """The backends of one process (serve or worker), shared by every ``Queue(...)``.
+
+    Example:
+        >>> reg = QueueRegistry()
+        >>> with reg.active():
+        ...     Queue("/tmp/q-doc7").backend is Queue("/tmp/q-doc7").backend
+        True
+    """
+
+    def __init__(self, *, undeliverable: str | os.PathLike[str] | None = None) -> None:
+        self._backends: dict[str, QueueBackend] = {}
+        self._undeliverable = undeliverable
+
+    @staticmethod
+    def _normal(ref: str | os.PathLike[str]) -> str:
+        text = os.fspath(ref)
+        return text if "://" in text else str(Path(text).absolute())
+
+    def get(
+        self, ref: str | os.PathLike[str], *, options: QueueOptions | None = None
+    ) -> QueueBackend:
+        """The shared backend for a queue, opened on first use.
+
+        Example:
+            >>> QueueRegistry().get("/tmp/q-doc8").url
+            '/tmp/q-doc8'
+        """
+        key = self._normal(ref)
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = open_backend(ref, options=options, undeliverable=self._undeliverable)
+            self._backends[key] = backend
+        return backend
+
+    @contextmanager
+    def active(self) -> Iterator[QueueRegistry]:
+        """Make this registry the one ``Queue(...)`` uses in this context.
+
+        Example:
+            >>> with QueueRegistry().active() as reg:
+            ...     isinstance(reg, QueueRegistry)
+            True
+        """
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+    async def close(self) -> None:
+        """Close every backend.
+
+        Example:
+            >>> import asyncio; asyncio.run(QueueRegistry().close())
+        """
+        for backend in self._backends.values():
+            await backend.close()
+        self._backends.clear()
+
+
+# A context variable, not a global registry: serve and worker each set their own, and
+# tasks inherit it, so a handler's Queue("run/posts") finds the process's shared backend.
+_ACTIVE: contextvars.ContextVar[QueueRegistry | None] = contextvars.ContextVar(
+    "maildefer_queue_registry", default=None
+)
+
+
+class Queue:
+    """A queue of messages, on disk (a maildir path) or on a broker (a URL).
+
+    Args:
+        ref: a maildir path (relative to the working directory) or a URL.
+
+    Example:
+        >>> import asyncio, tempfile
+        >>> q = Queue(tempfile.mkdtemp())
+        >>> key = asyncio.run(q.push(b"Subject: x\\n\\n"))
+        >>> asyncio.run(q.keys()) == [key]
+        True
+    """
+
+    def __init__(self, ref: str | os.PathLike[str]) -> None:
+        registry = _ACTIVE.get()
+        self.backend: QueueBackend = (
+            registry.get(ref) if registry is not None else open_backend(ref)
+        )
+
+    @property
+    def url(self) -> str:
+        """The path or URL this queue was opened with."""
+        return self.backend.url
+
+    async def push(self, message: Pushable) -> str:
+        """Store a message durably; returns its key once it is on disk.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> isinstance(asyncio.run(Queue(tempfile.mkdtemp()).push(b"\\n")), str)
+            True
+        """
+        return await self.backend.push(message)
+
+    async def count(self) -> int:
+        """How many messages are in the queue.
+
+        Example:
+            >>> import asyncio, tempfile; asyncio.run(Queue(tempfile.mkdtemp()).count())
+            0
+        """
+        return await self.backend.count()
+
+    async def keys(self) -> list[str]:
+        """The keys of the messages in the queue.
+
+        Example:
+            >>> import asyncio, tempfile; asyncio.run(Queue(tempfile.mkdtemp()).keys())
+            []
+        """
+        return await self.backend.keys()
+
+    async def get(self, key: str) -> MailRequest | None:
+        """One message by key, or ``None``.
+
+        Example:
+            >>> import asyncio, tempfile; asyncio.run(Queue(tempfile.mkdtemp()).get("k")) is None
+            True
+        """
+        return await self.backend.get(key)
+
+    async def remove(self, key: str) -> bool:
+        """Delete one message by key; ``True`` if it was there.
+
+        Example:
+            >>> import asyncio, tempfile; asyncio.run(Queue(tempfile.mkdtemp()).remove("k"))
+            False
+        """
+        return await self.backend.remove(key)
+
+    async def pop(self) -> tuple[str, MailRequest] | None:
+        """Take one message off the queue, or ``None`` when it is empty.
+
+        Example:
+            >>> import asyncio, tempfile; asyncio.run(Queue(tempfile.mkdtemp()).pop()) is None
+            True
+        """
+        return await self.backend.pop()
+
+    async def clear(self) -> int:
+        """Delete every message; returns how many were deleted.
+
+        Example:
+            >>> import asyncio, tempfile; asyncio.run(Queue(tempfile.mkdtemp()).clear())
+            0
+        """
+        return await self.backend.clear()
+
+    def consume(self) -> AsyncIterator[Claim]:
+        """Claims for a worker (see :class:`QueueBackend`).
+
+        Example:
+            >>> hasattr(Queue("/tmp/q-doc9").consume(), "__anext__")
+            True
+        """
+        return self.backend.consume()
+
+
+def queue_options(queue: QueueSettings) -> QueueOptions:
+    """The backend options of a ``[queues.NAME]`` table.
+
+    Example:
+        >>> from maildefer.settings import QueueSettings
+        >>> queue_options(QueueSettings(path="q", max_attempts=2)).max_attempts
+        2
+    """
+    return QueueOptions(
+        max_attempts=queue.max_attempts,
+        retry_delay=queue.retry_delay,
+        retry_max_delay=queue.retry_max_delay,
+        lease=queue.lease,
+        max_recoveries=queue.max_recoveries,
+        shared_fs=queue.shared_fs,
+        poll_interval=queue.poll_interval,
+        rescan_interval=queue.rescan_interval,
+    )
+
+
+def resolve_queue(settings: Settings, ref: str) -> str:
+    """The path or URL of a queue given by name (``posts``), path or URL.
+
+    Relative paths are taken from the project root (the directory holding ``config/``).
+
+    Example:
+        >>> from maildefer.settings import Settings
+        >>> s = Settings(root=Path("/srv/app"), queues={"posts": {"path": "run/posts"}})
+        >>> resolve_queue(s, "posts"), resolve_queue(s, "run/other")
+        ('/srv/app/run/posts', '/srv/app/run/other')
+    """
+    target = settings.queues[ref].path if ref in settings.queues else ref
+    return target if "://" in target else str(settings.resolve(target))
+
+
+def backend_for(settings: Settings, ref: str) -> QueueBackend:
+    """A backend for a queue named in the CLI, with its settings' options.
+
+    Example:
+        >>> from maildefer.settings import Settings
+        >>> backend_for(Settings(root=Path("/srv/app")), "run/x").url
+        '/srv/app/run/x'
+    """
+    return open_backend(
+        resolve_queue(settings, ref),
+        options=queue_options(settings.queue_settings(ref)),
+        undeliverable=settings.resolve(settings.undeliverable.path),
+    )

@@ -1,0 +1,197 @@
+"""Maildir file names: unique, collision-proof, and carrying the queue state of a message.
+
+A name is ``<sec>.M<usec>P<pid>Q<seq>R<random>.<host>`` (DJB's maildir spec, with
+Courier's ``R`` random part), the host escaped so it holds no ``/``, ``:`` or ``,``.
+That part is the message's **key** and never changes. maildefer appends its state as
+comma fields, the way Dovecot appends ``,S=<size>``, so that moving a message between
+states is one atomic ``rename`` and no other file is written:
+
+- ``,A=<n>``  failed attempts so far
+- ``,R=<n>``  recoveries: times a worker died holding it (the poison count)
+- ``,T=<ms>`` not before this Unix time in milliseconds (retry backoff), in ``later/``
+- ``,W=<host>~<pid>~<start>`` the claiming worker, in ``cur/``
+
+Fields maildefer does not know (``S=`` and the like) are kept as they came.
+
+Example:
+    >>> n = MaildirName.parse("1700000000.M1P2Q3Rab.host,A=2")
+    >>> n.key, n.attempts
+    ('1700000000.M1P2Q3Rab.host', 2)
+    >>> n.with_fields(A=3).filename
+    '1700000000.M1P2Q3Rab.host,A=3'
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+
+
+def escape_host(host: str) -> str:
+    r"""A host name made safe for a maildir name (``/``, ``:``, ``,``, ``~`` and ``\``).
+
+    Example:
+        >>> escape_host("a/b:c,d")
+        'a\\057b\\072c\\054d'
+    """
+    return (
+        host.replace("\\", "\\134")
+        .replace("/", "\\057")
+        .replace(":", "\\072")
+        .replace(",", "\\054")
+        .replace("~", "\\176")
+    )
+
+
+@dataclass(frozen=True)
+class MaildirName:
+    """A parsed maildir file name: the key, maildefer's state fields, the info suffix.
+
+    Example:
+        >>> MaildirName.parse("k,S=12:2,S").filename
+        'k,S=12:2,S'
+    """
+
+    key: str
+    fields: tuple[tuple[str, str], ...] = ()
+    info: str = ""
+
+    @classmethod
+    def parse(cls, filename: str) -> MaildirName:
+        """Split a file name into key, fields and ``:info``.
+
+        Example:
+            >>> MaildirName.parse("k,A=1,W=h~1~2:2,").fields
+            (('A', '1'), ('W', 'h~1~2'))
+        """
+        base, sep, info = filename.partition(":")
+        key, *rest = base.split(",")
+        parsed: list[tuple[str, str]] = []
+        for item in rest:
+            name, _, value = item.partition("=")
+            parsed.append((name, value))
+        return cls(key, tuple(parsed), sep + info)
+
+    @property
+    def filename(self) -> str:
+        """The file name this parses from (fields in their order).
+
+        Example:
+            >>> MaildirName("k", (("A", "1"),)).filename
+            'k,A=1'
+        """
+        tail = "".join(f",{k}={v}" if v or k else "," for k, v in self.fields)
+        return f"{self.key}{tail}{self.info}"
+
+    def field(self, name: str) -> str | None:
+        """One field's value, or ``None``.
+
+        Example:
+            >>> MaildirName.parse("k,T=5").field("T")
+            '5'
+        """
+        for k, v in self.fields:
+            if k == name:
+                return v
+        return None
+
+    def _int(self, name: str) -> int:
+        value = self.field(name)
+        try:
+            return int(value) if value is not None else 0
+        except ValueError:
+            return 0
+
+    @property
+    def attempts(self) -> int:
+        """Failed attempts recorded in the name (``A=``).
+
+        Example:
+            >>> MaildirName.parse("k").attempts
+            0
+        """
+        return self._int("A")
+
+    @property
+    def recoveries(self) -> int:
+        """Times a dead worker's claim on it was recovered (``R=``).
+
+        Example:
+            >>> MaildirName.parse("k,R=2").recoveries
+            2
+        """
+        return self._int("R")
+
+    @property
+    def due_ms(self) -> int:
+        """When a delayed message becomes due, Unix ms (``T=``), 0 if not delayed.
+
+        Example:
+            >>> MaildirName.parse("k,T=1500").due_ms
+            1500
+        """
+        return self._int("T")
+
+    def with_fields(self, **changes: str | int | None) -> MaildirName:
+        """A copy with fields set (``None`` removes one); new fields go last.
+
+        Example:
+            >>> MaildirName.parse("k,A=1,W=x").with_fields(W=None, A=2).filename
+            'k,A=2'
+        """
+        remaining = dict(changes)
+        out: list[tuple[str, str]] = []
+        for k, v in self.fields:
+            if k in remaining:
+                new = remaining.pop(k)
+                if new is not None:
+                    out.append((k, str(new)))
+            else:
+                out.append((k, v))
+        out.extend((k, str(v)) for k, v in remaining.items() if v is not None)
+        return MaildirName(self.key, tuple(out), self.info)
+
+    def fresh(self) -> MaildirName:
+        """The name with every state field and the info suffix dropped (a requeue).
+
+        Example:
+            >>> MaildirName.parse("k,A=5,R=1,S=9:2,S").fresh().filename
+            'k,S=9'
+        """
+        ours = {"A", "R", "T", "W"}
+        return MaildirName(self.key, tuple((k, v) for k, v in self.fields if k not in ours))
+
+
+@dataclass
+class NameGenerator:
+    """Makes unique maildir keys for one process (pid read per call: fork-safe).
+
+    Example:
+        >>> gen = NameGenerator(host="mx")
+        >>> a, b = gen.next_key(), gen.next_key()
+        >>> a != b and a.endswith(".mx")
+        True
+    """
+
+    host: str = field(default_factory=socket.gethostname)
+    _seq: int = 0
+    _random: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        self._escaped = escape_host(self.host)
+
+    def next_key(self) -> str:
+        """A new key: time, microseconds, pid, sequence, 64 random bits, host.
+
+        Example:
+            >>> NameGenerator(host="h").next_key().count(".")
+            2
+        """
+        now = time.time_ns() // 1000
+        self._seq += 1
+        sec, usec = divmod(now, 1_000_000)
+        rand = self._random.getrandbits(64)
+        return f"{sec}.M{usec}P{os.getpid()}Q{self._seq}R{rand:016x}.{self._escaped}"

@@ -1,0 +1,296 @@
+"""Settings: the pydantic model of ``config/settings.toml``, the only reader of TOML and env.
+
+Settings are loaded once by the CLI (:func:`load_settings`) and passed down, frozen; no
+other module reads files or the environment for configuration (uvicorn's Config/Server
+split). Every key can be overridden by ``MAILDEFER_<SECTION>__<KEY>``; an unknown key or a
+bad value raises :class:`~maildefer.errors.ConfigError` with one line naming the key, the
+value and what was expected, which the CLI turns into exit status 2 before binding anything.
+
+Example:
+    >>> s = Settings()
+    >>> s.server.port
+    8823
+    >>> s.queue_settings("run/posts").max_attempts
+    5
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from maildefer.errors import ConfigError
+
+DEFAULT_CONFIG = Path("config/settings.toml")
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(BaseModel):
+    """``[server]``: the SMTP/LMTP listener (``maildefer serve``).
+
+    Example:
+        >>> ServerSettings(port=2525).max_message_size
+        33554432
+    """
+
+    model_config = _STRICT
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8823, ge=0, le=65535)
+    hostname: str = Field(default_factory=socket.getfqdn, min_length=1)
+    handlers: list[str] = Field(default_factory=lambda: ["app.handlers.posting"])
+    max_message_size: int = Field(default=33_554_432, gt=0)
+    max_recipients: int = Field(default=100, gt=0)
+    handler_timeout: float = Field(default=60.0, gt=0)
+    lmtp: bool = False
+    # Limits a client controls (RELIABILITY.md R24-R26); the defaults are Postfix's.
+    max_connections: int = Field(default=500, gt=0)
+    max_connections_per_ip: int = Field(default=50, gt=0)
+    command_timeout: float = Field(default=300.0, gt=0)
+    data_min_rate: int = Field(default=500, ge=0, description="bytes/s a DATA upload must keep")
+    max_bad_commands: int = Field(default=20, gt=0)
+    grace_period: float = Field(default=30.0, ge=0)
+    smtputf8: bool = True
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+class RouterSettings(BaseModel):
+    """``[router]``: shared regexes for named route groups (Lamson's ``router_defaults``).
+
+    Example:
+        >>> RouterSettings(defaults={"host": "example\\\\.com"}).defaults["host"]
+        'example\\\\.com'
+    """
+
+    model_config = _STRICT
+
+    defaults: dict[str, str] = Field(default_factory=dict)
+    state_store: Path = Path("run/state.db")
+
+    @field_validator("defaults")
+    @classmethod
+    def _regexes_compile(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, pattern in value.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"group {name!r} is not a valid regex ({exc})") from None
+        return value
+
+
+class RelaySettings(BaseModel):
+    """``[relay]``: where outgoing mail (``relay.deliver``) goes.
+
+    Example:
+        >>> RelaySettings().port
+        8825
+    """
+
+    model_config = _STRICT
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8825, ge=1, le=65535)
+    timeout: float = Field(default=30.0, gt=0)
+
+
+class QueueSettings(BaseModel):
+    """``[queues.NAME]``: one queue, its handlers and its retry policy.
+
+    Example:
+        >>> QueueSettings(path="run/posts").retry_delay
+        30.0
+    """
+
+    model_config = _STRICT
+
+    path: str
+    handlers: list[str] = Field(default_factory=list)
+    concurrency: int = Field(default=8, gt=0, le=10_000)
+    max_attempts: int = Field(default=5, gt=0)
+    retry_delay: float = Field(default=30.0, ge=0)
+    retry_max_delay: float = Field(default=3600.0, ge=0)
+    handler_timeout: float = Field(default=300.0, gt=0)
+    # Safety net under inotify: list new/ at least this often (RELIABILITY.md R16).
+    rescan_interval: float = Field(default=10.0, gt=0)
+    # A shared filesystem (NFS): inotify cannot see other hosts' writes, so poll (R18).
+    shared_fs: bool = False
+    poll_interval: float = Field(default=1.0, gt=0)
+    # A claim by another host whose file was not touched for this long is recovered (R10).
+    lease: float = Field(default=600.0, gt=0)
+    # A message whose handler killed its worker this many times is quarantined (R11).
+    max_recoveries: int = Field(default=3, gt=0)
+    grace_period: float = Field(default=30.0, ge=0)
+
+
+class UndeliverableSettings(BaseModel):
+    """``[undeliverable]``: where messages go after their last failed attempt.
+
+    Example:
+        >>> UndeliverableSettings().path
+        'run/undeliverable'
+    """
+
+    model_config = _STRICT
+
+    path: str = "run/undeliverable"
+
+
+class MetricsSettings(BaseModel):
+    """``[metrics]``: the Prometheus endpoint, off unless ``port`` is set.
+
+    Example:
+        >>> MetricsSettings().port is None
+        True
+    """
+
+    model_config = _STRICT
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=0, le=65535)
+
+
+class LoggingSettings(BaseModel):
+    """``[logging]``: level and format (``auto`` is console in a TTY, JSON otherwise).
+
+    Example:
+        >>> LoggingSettings().format
+        'auto'
+    """
+
+    model_config = _STRICT
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    """All of ``settings.toml``, with ``MAILDEFER_<SECTION>__<KEY>`` overrides.
+
+    ``root`` is the project directory (the one holding ``config/``); relative paths in
+    the settings are resolved against it by :meth:`resolve`.
+
+    Example:
+        >>> s = Settings(server={"port": 2525})
+        >>> s.server.port
+        2525
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="MAILDEFER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    root: Path = Field(default_factory=Path.cwd)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
+    queues: dict[str, QueueSettings] = Field(default_factory=dict)
+    undeliverable: UndeliverableSettings = Field(default_factory=UndeliverableSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment first, then the TOML values passed in: env overrides the file."""
+        return (env_settings, init_settings)
+
+    def resolve(self, path: str | Path) -> Path:
+        """A settings path made absolute against the project root.
+
+        Example:
+            >>> Settings(root=Path("/srv/app")).resolve("run/posts")
+            PosixPath('/srv/app/run/posts')
+        """
+        p = Path(path)
+        return p if p.is_absolute() else self.root / p
+
+    def queue_settings(self, ref: str) -> QueueSettings:
+        """The settings of a queue named by its table name, path or URL.
+
+        A path or URL that no ``[queues.*]`` table names gets the defaults.
+
+        Example:
+            >>> s = Settings(queues={"posts": {"path": "run/posts", "concurrency": 2}})
+            >>> s.queue_settings("posts").concurrency
+            2
+            >>> s.queue_settings("run/posts").concurrency
+            2
+        """
+        if ref in self.queues:
+            return self.queues[ref]
+        for queue in self.queues.values():
+            if queue.path == ref or (
+                "://" not in ref and self.resolve(queue.path) == self.resolve(ref)
+            ):
+                return queue
+        return QueueSettings(path=ref)
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One readable clause for one pydantic error: key, value, expectation."""
+    key = ".".join(str(part) for part in error.get("loc", ())) or "(settings)"
+    if error.get("type") == "extra_forbidden":
+        return f"{key}: unknown key (value {error.get('input')!r})"
+    return f"{key} = {error.get('input')!r}: {error.get('msg', 'invalid')}"
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read the settings file, apply ``MAILDEFER_*`` environment overrides, validate.
+
+    Args:
+        path: the TOML file; ``None`` means ``config/settings.toml`` under the current
+            directory, and defaults when that file does not exist.
+
+    Returns:
+        Frozen, validated settings with ``root`` set to the directory holding ``config/``.
+
+    Raises:
+        ConfigError: the file is missing (when named), unreadable, not TOML, or a key or
+            value is invalid. The message is one line.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "config").mkdir()
+        >>> _ = (d / "config" / "settings.toml").write_text("[server]\\nport = 2600\\n")
+        >>> load_settings(d / "config" / "settings.toml").server.port
+        2600
+    """
+    explicit = path is not None
+    config_path = (path or DEFAULT_CONFIG).absolute()
+    data: dict[str, Any] = {}
+    if config_path.exists():
+        try:
+            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{config_path}: cannot read settings: {exc}") from None
+        root = config_path.parent.parent
+    elif explicit:
+        raise ConfigError(f"{config_path}: no such settings file")
+    else:
+        root = Path.cwd()
+    if "root" in data:
+        raise ConfigError(f"{config_path.name}: root: unknown key (value {data['root']!r})")
+    try:
+        return Settings(root=root, **data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{config_path.name}: {_describe(first)}{more}") from None
