@@ -1,1 +1,40 @@
-"""maildefer."""
+"""maildefer: Lamson's "defer to queue" on asyncio.
+
+An SMTP/LMTP listener hands each message to coroutine handlers routed by recipient
+address; a handler does the quick part and defers the slow part to a durable queue,
+which worker processes drain as soon as a message lands.
+
+Example:
+    A handler module (``app/handlers/posting.py``)::
+
+        from maildefer import Queue, route
+
+        @route("post-(name)@(host)")          # groups become keyword arguments
+        async def START(message, name, host):
+            await Queue("run/posts").push(message)
+            return POSTING                     # the sender's next state
+
+    Everything an application needs is importable from here:
+
+    >>> from maildefer import MailRequest, Router, route, stateless
+    >>> MailRequest(b"Subject: hi\\n\\n")["Subject"]
+    'hi'
+"""
+
+from __future__ import annotations
+
+from maildefer.errors import SMTPError
+from maildefer.mail import MailRequest, MailResponse
+from maildefer.queue import Queue
+from maildefer.routing import Router, route, route_like, stateless
+
+__all__ = [
+    "MailRequest",
+    "MailResponse",
+    "Queue",
+    "Router",
+    "SMTPError",
+    "route",
+    "route_like",
+    "stateless",
+]

@@ -8,6 +8,7 @@ application can catch the lot in one place::
     ├── QueueError             a queue operation failed (disk, broker): SMTP answers 451
     │   └── CorruptMessageError  a queued file fails its envelope check (length, sha256)
     ├── RoutingError           a handler module or pattern is wrong
+    │   └── NoRouteError         no route matches a recipient (SMTP: 550 at RCPT)
     └── SMTPError              a handler refuses a message with its own SMTP reply
 
 Example:
@@ -63,6 +64,15 @@ class RoutingError(MaildeferError):
     Example:
         >>> str(RoutingError("no module named app.handlers.nope"))
         'no module named app.handlers.nope'
+    """
+
+
+class NoRouteError(RoutingError):
+    """No route matches the recipient a message is delivered to.
+
+    Example:
+        >>> issubclass(NoRouteError, RoutingError)
+        True
     """
 
 

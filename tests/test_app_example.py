@@ -1,0 +1,122 @@
+"""The example project (the blog of Lamson's "defer to queue"), its settings and `routes`."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import structlog
+
+import maildefer
+from maildefer import MailRequest, Queue, Router
+from maildefer.settings import load_settings
+from maildefer.state import MemoryStateStore
+
+ROOT = Path(__file__).resolve().parent.parent
+RunCli = Callable[..., subprocess.CompletedProcess[bytes]]
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The example's handlers importable, run/ paths landing in tmp_path."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def routers(state: MemoryStateStore) -> tuple[Router, Router]:
+    settings = load_settings(ROOT / "config" / "settings.toml")
+    defaults = settings.router.defaults
+    serve = Router.from_modules(settings.server.handlers, defaults=defaults, state=state)
+    worker = Router.from_modules(settings.queues["posts"].handlers, defaults=defaults, state=state)
+    return serve, worker
+
+
+def post(subject: str, sender: str = "ann@writers.org", rcpt: str = "hello@example.com") -> bytes:
+    return (
+        f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{abs(hash(subject))}@writers.org>\r\n\r\nA post.\r\n"
+    ).encode()
+
+
+def test_package_exports_the_contract() -> None:
+    for name in ("route", "stateless", "route_like", "Router", "Queue", "MailRequest"):
+        assert hasattr(maildefer, name), name
+    assert set(maildefer.__all__) >= {"MailResponse", "SMTPError"}
+
+
+async def test_posting_defers_to_the_queue_and_index_handles_it(project: Path) -> None:
+    state = MemoryStateStore()
+    serve, worker = routers(state)
+    for subject in ("First post", "Second\tpost"):
+        raw = post(subject)
+        message = MailRequest(raw, mail_from="ann@writers.org", rcpt_tos=["hello@example.com"])
+        assert await serve.deliver(message) == 1
+    # START moved the sender to POSTING; the queue holds both posts, byte-exact.
+    assert state.states == {"app.handlers.posting:ann@writers.org": "POSTING"}
+    queue = Queue("run/posts")
+    assert await queue.count() == 2
+    subjects = []
+    while (item := await queue.pop()) is not None:
+        key, queued = item
+        assert queued.mail_from == "ann@writers.org"
+        assert queued.rcpt_to == "hello@example.com"  # the envelope travelled with it
+        subjects.append(queued["Subject"])
+        with structlog.contextvars.bound_contextvars(key=key):
+            assert await worker.deliver(queued) == 1
+    lines = (project / "run" / "posts.index").read_text().splitlines()
+    assert sorted(subjects) == ["First post", "Second\tpost"]
+    assert len(lines) == 2
+    fields = [line.split("\t") for line in lines]
+    assert all(len(f) == 3 for f in fields)  # a tab in the subject does not split a record
+    assert {f[2] for f in fields} == {"First post", "Second post"}
+    assert {f[1] for f in fields} == {"ann@writers.org"}
+
+
+async def test_index_uses_message_id_without_a_queue_key(project: Path) -> None:
+    _, worker = routers(MemoryStateStore())
+    raw = post("Dropped in by hand")
+    await worker.deliver(MailRequest(raw, mail_from="bob@x.org", rcpt_tos=["news@example.com"]))
+    key, sender, subject = (project / "run" / "posts.index").read_text().rstrip("\n").split("\t")
+    assert key.startswith("<") and key.endswith("@writers.org>")
+    assert (sender, subject) == ("bob@x.org", "Dropped in by hand")
+
+
+async def test_example_routes_only_the_configured_domain(project: Path) -> None:
+    serve, _ = routers(MemoryStateStore())
+    assert serve.match("Anything@EXAMPLE.com")
+    assert serve.match("someone@example.org") == []
+    assert serve.match("someone@mail.example.com") == []
+
+
+def test_routes_command_lists_every_route(run_cli: RunCli) -> None:
+    done = run_cli("routes", cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.decode()
+    assert "[server]" in out and "[queues.posts] run/posts" in out
+    assert "app.handlers.posting.START" in out and "app.handlers.posting.POSTING" in out
+    index_line = next(line for line in out.splitlines() if "app.handlers.index.START" in line)
+    assert "stateless" in index_line
+    assert r"(?P<host>example\.com)" in out  # defaults expanded
+
+
+def test_routes_command_tests_an_address(run_cli: RunCli) -> None:
+    hit = run_cli("routes", "--test", "hello@example.com", cwd=ROOT)
+    assert hit.returncode == 0, hit.stderr
+    assert "post_name='hello'" in hit.stdout.decode()
+    assert "app.handlers.index.START" in hit.stdout.decode()
+    miss = run_cli("routes", "--test", "hello@example.org", cwd=ROOT)
+    assert miss.returncode == 1
+    assert "no handler" in miss.stdout.decode()
+
+
+def test_routes_command_bad_handler_module_exits_2(run_cli: RunCli, tmp_path: Path) -> None:
+    config = tmp_path / "config" / "settings.toml"
+    config.parent.mkdir()
+    config.write_text('[server]\nhandlers = ["app.handlers.nope"]\n')
+    done = run_cli("routes", "--config", config, cwd=tmp_path)
+    assert done.returncode == 2
+    assert b"app.handlers.nope" in done.stderr
+    assert len(done.stderr.decode().strip().splitlines()) == 1
