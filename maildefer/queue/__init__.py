@@ -73,6 +73,11 @@ def open_backend(
     text = os.fspath(ref)
     if "://" in text:
         scheme = text.split("://", 1)[0]
+        if scheme in ("amqp", "amqps"):
+            # Imported here so that maildir-only users never import aio-pika.
+            from maildefer.queue.amqp import AmqpQueue
+
+            return AmqpQueue(text, options=options, undeliverable=undeliverable)
         raise ConfigError(f"queue {text!r}: no backend for scheme {scheme!r} (expected a path)")
     return MaildirQueue(text, options=options, undeliverable=undeliverable)
 
