@@ -1,0 +1,276 @@
+"""Ingest throughput: messages/s through `serve` vs a bare and a naive durable aiosmtpd server.
+
+Three servers, each in its own process on 127.0.0.1, measured in the same run:
+
+- ``maildefer``: the real ``Server`` with a handler that ``await Queue(...).push(message)``
+  (durable: file and directory fsync'd before the 250; group commit across sessions);
+- ``bare``: aiosmtpd on asyncio whose handler only returns 250 (the ceiling of this stack);
+- ``naive``: aiosmtpd whose handler writes each message with its own fsyncs (file, then
+  directory) in a thread, one ``to_thread`` per message.
+
+Driven by Postfix's ``smtp-source`` (``-s 10 -m 5000 -l 4096``, with ``-d``: kept
+connections, and without: one connection per message). Without ``/usr/sbin/smtp-source``
+(Debian package ``postfix``) an asyncio client does the same and says so on stderr.
+This script installs nothing.
+
+Usage: ``python bench/bench_ingest.py [--quick]``; one JSON object per figure on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SESSIONS = 10
+SIZE = 4096
+
+HANDLER = """
+from maildefer import Queue, route, stateless
+
+@route("(name)@(host)")
+@stateless
+async def START(message, name, host):
+    await Queue("run/posts").push(message)
+"""
+
+
+# -- the servers (run in child processes) ------------------------------------------------
+
+
+async def _serve_maildefer(port: int, workdir: Path) -> None:
+    from maildefer.server import Server
+    from maildefer.settings import Settings
+
+    (workdir / "bench_handlers.py").write_text(textwrap.dedent(HANDLER))
+    sys.path.insert(0, str(workdir))
+    os.chdir(workdir)
+    settings = Settings(
+        root=workdir,
+        server={
+            "port": port,
+            "hostname": "bench.test",
+            "handlers": ["bench_handlers"],
+            "max_connections_per_ip": 1000,
+        },
+        router={"defaults": {"host": ".+"}},
+        logging={"level": "warning"},
+    )
+    server = Server(settings)
+    server.on_ready = lambda: print("READY", flush=True)
+    await server.serve()
+
+
+class _Bare:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return "250 OK"
+
+
+def _write_durably(directory: Path, name: str, data: bytes) -> None:
+    tmp = directory / "tmp" / name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, directory / "new" / name)
+    dfd = os.open(directory / "new", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class _Naive:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.n = 0
+        for sub in ("tmp", "new"):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.n += 1
+        name = f"{time.time():.6f}.{os.getpid()}.{self.n}"
+        await asyncio.to_thread(_write_durably, self.directory, name, envelope.original_content)
+        return "250 OK"
+
+
+async def _serve_aiosmtpd(port: int, handler: Any) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        partial(SMTP, handler, hostname="bench.test"), "127.0.0.1", port, backlog=1000
+    )
+    print("READY", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def serve_child(kind: str, port: int, workdir: Path) -> None:
+    import logging
+
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
+    if kind == "maildefer":
+        from maildefer import logs
+
+        logs.configure(level="warning", fmt="json")
+        asyncio.run(_serve_maildefer(port, workdir))
+    elif kind == "bare":
+        asyncio.run(_serve_aiosmtpd(port, _Bare()))
+    else:
+        asyncio.run(_serve_aiosmtpd(port, _Naive(workdir / "naive")))
+
+
+# -- the clients -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _asyncio_client(port: int, messages: int, keep: bool) -> None:
+    body = b"Subject: bench\r\n\r\n" + (b"x" * 78 + b"\r\n") * (SIZE // 80) + b".\r\n"
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(messages):
+        queue.put_nowait(i)
+
+    async def reply(reader: asyncio.StreamReader) -> bytes:
+        while True:
+            line = await reader.readline()
+            if line[3:4] != b"-":
+                return line
+
+    async def session() -> None:
+        reader = writer = None
+        while not queue.empty():
+            queue.get_nowait()
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                await reply(reader)
+                writer.write(b"EHLO bench\r\n")
+                await reply(reader)
+            assert reader is not None
+            for cmd in (b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<post@bench.test>\r\n", b"DATA\r\n"):
+                writer.write(cmd)
+                await reply(reader)
+            writer.write(body)
+            assert (await reply(reader)).startswith(b"250")
+            if not keep:
+                writer.write(b"QUIT\r\n")
+                await reply(reader)
+                writer.close()
+                await writer.wait_closed()
+                reader = writer = None
+        if writer is not None:
+            writer.write(b"QUIT\r\n")
+            writer.close()
+
+    await asyncio.gather(*(session() for _ in range(SESSIONS)))
+
+
+def drive(port: int, messages: int, keep: bool) -> float:
+    """Send ``messages`` messages; returns the seconds it took."""
+    started = time.perf_counter()
+    if os.path.exists(SMTP_SOURCE):
+        argv = [SMTP_SOURCE, "-s", str(SESSIONS), "-m", str(messages), "-l", str(SIZE)]
+        argv += ["-f", "a@b.test", "-t", "post@bench.test"]
+        if keep:
+            argv.append("-d")
+        subprocess.run([*argv, f"127.0.0.1:{port}"], check=True, capture_output=True)
+    else:
+        asyncio.run(_asyncio_client(port, messages, keep))
+    return time.perf_counter() - started
+
+
+def measure(kind: str, messages: int, keep: bool) -> float:
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", kind, "--port", str(port), "--dir", str(workdir)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"READY":
+            raise RuntimeError(f"{kind} server did not start")
+        drive(port, min(50, messages), keep)  # warm-up
+        seconds = drive(port, messages, keep)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return messages / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="1,000 messages instead of 5,000")
+    parser.add_argument("--child", choices=("maildefer", "bare", "naive"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        serve_child(args.child, args.port, args.dir)
+        return
+    messages = 1000 if args.quick else 5000
+    client = "smtp-source" if os.path.exists(SMTP_SOURCE) else "asyncio client"
+    if client != "smtp-source":
+        print(
+            f"{SMTP_SOURCE} not found (Debian package: postfix); using an asyncio client",
+            file=sys.stderr,
+        )
+    for keep in (True, False):
+        mode = "kept" if keep else "reconnect"
+        rates = {kind: measure(kind, messages, keep) for kind in ("bare", "naive", "maildefer")}
+        print(f"{mode}: {json.dumps({k: round(v) for k, v in rates.items()})}", file=sys.stderr)
+        figures = [
+            (f"bare_{mode}", rates["bare"], None, None),
+            (f"naive_durable_{mode}", rates["naive"], None, None),
+            (f"maildefer_{mode}_vs_naive", rates["maildefer"], "naive", ">= 1.5x naive durable"),
+            (f"maildefer_{mode}_vs_bare", rates["maildefer"], "bare", ">= 0.6x bare"),
+        ]
+        for figure, value, base, goal in figures:
+            ratio = value / rates[base] if base else None
+            print(
+                json.dumps(
+                    {
+                        "bench": "ingest",
+                        "figure": figure,
+                        "value": round(value, 1),
+                        "unit": "msg/s",
+                        "baseline": f"{'naive_durable' if base == 'naive' else base}_{mode}"
+                        if base
+                        else None,
+                        "ratio": round(ratio, 3) if ratio is not None else None,
+                        "goal": goal,
+                        "client": client,
+                        "sessions": SESSIONS,
+                        "size": SIZE,
+                        "messages": messages,
+                    }
+                ),
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""``maildefer serve [--host H] [--port P]``: the SMTP/LMTP listener, in the foreground.
+
+The process works from the project root: ``serve`` changes its working directory to the
+directory holding ``config/`` and puts it first on ``sys.path``, so ``app.handlers.*``
+import and a handler's ``Queue("run/posts")`` lands in the project's ``run/posts``
+whatever directory ``serve`` was started from (systemd's ``WorkingDirectory=`` may be
+omitted). Only this entry point does so; :class:`~maildefer.server.Server` itself never
+changes process state, so tests run it in-process.
+
+Under systemd, sockets passed by socket activation (``LISTEN_FDS``) are served instead
+of binding ``host:port``, and ``READY=1`` / ``STOPPING=1`` are sent when there is a
+notify socket.
+
+Exit status: 0 after SIGTERM/SIGINT; 2 for bad settings or a handler module that does not
+load (one line on stderr, nothing bound); 1 when the address cannot be bound (logged).
+
+Example:
+    >>> p = argparse.ArgumentParser(); add_arguments(p)
+    >>> p.parse_args(["--port", "2525"]).port
+    2525
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import structlog
+
+from maildefer.server import Server
+from maildefer.settings import Settings
+from maildefer.systemd import Notifier, listen_fds
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``maildefer serve``.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_arguments(p)
+        >>> p.parse_args([]).host is None
+        True
+    """
+    parser.add_argument("--host", default=None, help="address to listen on ([server] host)")
+    parser.add_argument("--port", type=int, default=None, help="port ([server] port)")
+
+
+def with_overrides(settings: Settings, host: str | None, port: int | None) -> Settings:
+    """The settings with ``--host``/``--port`` applied (validated like the file).
+
+    Example:
+        >>> with_overrides(Settings(), None, 2525).server.port
+        2525
+    """
+    changes: dict[str, object] = {}
+    if host is not None:
+        changes["host"] = host
+    if port is not None:
+        changes["port"] = port
+    if not changes:
+        return settings
+    server = type(settings.server).model_validate({**settings.server.model_dump(), **changes})
+    return settings.model_copy(update={"server": server})
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT.
+
+    Example:
+        >>> run  # doctest: +ELLIPSIS
+        <function run at ...>
+    """
+    from pydantic import ValidationError
+
+    from maildefer.errors import ConfigError
+
+    try:
+        settings = with_overrides(settings, args.host, args.port)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"--host/--port: {first.get('msg', 'invalid')}") from None
+    root = str(settings.root)
+    os.chdir(root)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    notifier = Notifier.from_environ(unset=True)
+    server = Server(settings, sockets=listen_fds())
+    server.on_ready = lambda: notifier.ready(f"listening on port {server.port}")
+    try:
+        server.run()
+    except OSError as exc:
+        structlog.get_logger("maildefer.server").error(
+            "bind_failed",
+            host=settings.server.host,
+            port=settings.server.port,
+            error=exc.strerror or str(exc),
+        )
+        return 1
+    finally:
+        notifier.stopping()
+    return 0

@@ -1,0 +1,318 @@
+"""The ``serve`` lifecycle: load handlers, bind, serve, drain on a signal, exit.
+
+:class:`Server` follows uvicorn's split: ``run()`` is the synchronous process entry
+(``asyncio.run(server.serve())``); tests ``await server.start()`` and
+``await server.shutdown()`` (or run ``serve()`` as a task and call
+:meth:`Server.request_shutdown`).
+
+Order of things (DESIGN.md decision 5):
+
+1. ``start``: build the router (importing the handler modules; a broken one is a bad
+   setting: :class:`~maildefer.errors.ConfigError`, exit 2, before any socket is bound),
+   the TLS context, then bind (or adopt sockets passed by systemd). A bind failure
+   raises ``OSError`` (exit 1).
+2. A :class:`~maildefer.queue.QueueRegistry` is active in the context the listener was
+   created in, so every session and handler task inherits it: handlers'
+   ``Queue("run/posts")`` share one backend and its group-committed directory fsync.
+3. SIGTERM or SIGINT only sets an event. ``shutdown`` then closes the listener (new
+   connections are refused), says ``421`` to idle sessions, lets sessions in DATA or in
+   their handlers finish within ``grace_period`` (their client gets its 250), closes the
+   rest (their handlers are cancelled; pushes are cancellation-safe, and the client,
+   without a reply, retries), closes the queues and logs one summary line. A second
+   signal skips the grace period.
+
+Example:
+    >>> import asyncio, tempfile
+    >>> from pathlib import Path
+    >>> from maildefer.settings import Settings
+    >>> from maildefer.smtp import AcceptAll
+    >>> from maildefer import logs; import io; logs.configure(stream=io.StringIO())
+    >>> async def demo():
+    ...     s = Settings(root=Path(tempfile.mkdtemp()), server={"port": 0, "hostname": "h"})
+    ...     server = Server(s, recipients=AcceptAll())
+    ...     await server.start()
+    ...     port = server.port
+    ...     await server.shutdown()
+    ...     return port > 0
+    >>> asyncio.run(demo())
+    True
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import structlog
+
+from maildefer.errors import ConfigError, RoutingError
+from maildefer.queue import QueueRegistry
+from maildefer.settings import Settings
+from maildefer.smtp import Recipients, SessionTracker, smtp_factory
+
+log = structlog.get_logger("maildefer.server")
+
+_ABORT_WAIT = 5.0
+"""Seconds to let cancelled sessions unwind after the grace period (their handlers'
+cleanup, a push finishing its fsync) before the queues are closed under them."""
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The STARTTLS context of ``[server] tls_cert``/``tls_key``, or ``None``.
+
+    Raises:
+        ConfigError: only one of the two is set, or they cannot be loaded.
+
+    Example:
+        >>> tls_context(Settings()) is None
+        True
+    """
+    cert, key = settings.server.tls_cert, settings.server.tls_key
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("server.tls_cert and server.tls_key must be set together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.resolve(cert), settings.resolve(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"server.tls_cert/tls_key = {str(cert)!r}: cannot load: {exc}") from None
+    return context
+
+
+class Server:
+    """The SMTP/LMTP listener of ``maildefer serve``.
+
+    Args:
+        settings: the whole settings (``[server]``, ``[router]``, ``[undeliverable]``).
+        recipients: the router to use; by default one is built from
+            ``[server] handlers`` with the file-backed state store.
+        sockets: already-bound listening sockets (systemd socket activation) to serve
+            on instead of binding ``host:port``.
+        per_recipient: deliver once per recipient (a router) or once per message.
+
+    Example:
+        >>> Server(Settings()).port is None
+        True
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        recipients: Recipients | None = None,
+        sockets: Sequence[socket.socket] | None = None,
+        per_recipient: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.recipients = recipients
+        self.registry = QueueRegistry(undeliverable=settings.resolve(settings.undeliverable.path))
+        server = settings.server
+        self.tracker = SessionTracker(
+            max_connections=server.max_connections, max_per_ip=server.max_connections_per_ip
+        )
+        self.on_ready: Callable[[], object] | None = None
+        self._sockets = list(sockets or [])
+        self._per_recipient = per_recipient
+        self._listeners: list[asyncio.Server] = []
+        self._context: contextvars.Context | None = None
+        self._activation: contextlib.AbstractContextManager[QueueRegistry] | None = None
+        self._state_close: Callable[[], None] | None = None
+        self._stop: asyncio.Event | None = None
+        self._force = False
+        self._started = 0.0
+
+    @property
+    def port(self) -> int | None:
+        """The port actually bound (useful with ``port = 0``), once started."""
+        for listener in self._listeners:
+            for sock in listener.sockets:
+                name = sock.getsockname()
+                if isinstance(name, tuple):
+                    return int(name[1])
+        return None
+
+    def _build_recipients(self) -> Recipients:
+        # Imported here: routing imports the handler modules' dependencies, and a server
+        # given its own recipients (the log server, tests) does not need it.
+        from maildefer.routing import Router
+        from maildefer.state import state_store_for
+
+        store = state_store_for(self.settings)
+        try:
+            router = Router.from_modules(
+                self.settings.server.handlers,
+                defaults=self.settings.router.defaults,
+                state=store,
+            )
+        except RoutingError as exc:
+            store.close()
+            # A handler module that does not load is a bad setting: exit 2, nothing bound.
+            raise ConfigError(f"server.handlers: {exc}") from None
+        self._state_close = store.close
+        return router
+
+    async def start(self) -> None:
+        """Load the handlers and start listening; returns once the sockets accept.
+
+        Raises:
+            ConfigError: a handler module or the TLS files cannot be loaded.
+            OSError: the address cannot be bound (in use, not permitted).
+        """
+        server = self.settings.server
+        context = tls_context(self.settings)
+        if self.recipients is None:
+            self.recipients = self._build_recipients()
+        # aiosmtpd logs every command at INFO through stdlib logging, peer strings
+        # unsanitized; our own structured lines replace it.
+        logging.getLogger("mail.log").setLevel(logging.ERROR)
+        factory = smtp_factory(
+            server,
+            self.recipients,
+            self.tracker,
+            tls_context=context,
+            per_recipient=self._per_recipient,
+        )
+        # The listener is created in a private context holding the active registry:
+        # every accepted session and every handler task copies it from there.
+        self._context = contextvars.copy_context()
+        self._activation = self.registry.active()
+        self._context.run(self._activation.__enter__)
+        loop = asyncio.get_running_loop()
+
+        async def bind() -> list[asyncio.Server]:
+            if self._sockets:
+                return [
+                    await loop.create_server(factory, sock=sock, start_serving=True)
+                    for sock in self._sockets
+                ]
+            # A listen backlog as deep as the session cap: a burst of connections is
+            # accepted and answered (220 or 421) instead of stalling in SYN retries.
+            backlog = max(100, server.max_connections)
+            return [
+                await loop.create_server(
+                    factory, host=server.host, port=server.port, backlog=backlog
+                )
+            ]
+
+        try:
+            self._listeners = await loop.create_task(bind(), context=self._context)
+        except BaseException:
+            await self._release()
+            raise
+        self._started = time.monotonic()
+        log.info(
+            "listening",
+            host=server.host,
+            port=self.port,
+            lmtp=server.lmtp,
+            starttls=context is not None,
+        )
+
+    def request_shutdown(self, *, force: bool = False) -> None:
+        """Ask :meth:`serve` to shut down (what SIGTERM and SIGINT do).
+
+        Example:
+            >>> Server(Settings()).request_shutdown()
+        """
+        self._force = self._force or force
+        if self._stop is not None:
+            self._stop.set()
+
+    def _on_signal(self, signame: str) -> None:
+        if self._stop is not None and self._stop.is_set():
+            log.warning("second_signal", signal=signame)
+            self.request_shutdown(force=True)
+            self.tracker.abort_all()
+            return
+        log.info("signal", signal=signame)
+        self.request_shutdown()
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig.name)
+                installed.append(sig)
+            except (ValueError, RuntimeError, NotImplementedError):
+                continue  # not the main thread: whoever runs us handles signals
+        try:
+            yield
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def serve(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_shutdown`), drain.
+
+        Raises:
+            ConfigError: bad handlers or TLS files (nothing was bound).
+            OSError: the address cannot be bound.
+        """
+        self._stop = asyncio.Event()
+        with self._signals():
+            await self.start()
+            try:
+                if self.on_ready is not None:
+                    self.on_ready()
+                await self._stop.wait()
+            finally:
+                await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, drain sessions within ``grace_period``, close everything.
+
+        Example:
+            >>> import asyncio; asyncio.run(Server(Settings()).shutdown())
+        """
+        if not self._listeners and self._context is None:
+            return
+        for listener in self._listeners:
+            listener.close()
+        self.tracker.begin_shutdown()
+        busy = self.tracker.count
+        grace = 0.0 if self._force else self.settings.server.grace_period
+        drained = await self.tracker.wait_empty(grace)
+        if not drained:
+            log.warning("grace_period_over", sessions=self.tracker.count)
+            self.tracker.abort_all()
+            await self.tracker.wait_empty(_ABORT_WAIT)
+        for listener in self._listeners:
+            await listener.wait_closed()
+        self._listeners = []
+        await self._release()
+        log.info(
+            "stopped",
+            sessions_at_stop=busy,
+            drained=drained,
+            uptime_s=round(time.monotonic() - self._started, 1) if self._started else 0,
+        )
+
+    async def _release(self) -> None:
+        """Close the queues and the state store; leave the registry's context."""
+        await self.registry.close()
+        if self._state_close is not None:
+            self._state_close()
+            self._state_close = None
+        if self._context is not None and self._activation is not None:
+            self._context.run(self._activation.__exit__, None, None, None)
+        self._context = None
+        self._activation = None
+
+    def run(self) -> None:
+        """Serve in a new event loop until a signal; the synchronous entry of the CLI.
+
+        Raises:
+            ConfigError: bad handlers or TLS files.
+            OSError: the address cannot be bound.
+        """
+        asyncio.run(self.serve())
