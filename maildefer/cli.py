@@ -29,6 +29,16 @@ from maildefer.settings import Settings, load_settings
 # (command, module, one-line help). A module is imported only when its command runs.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("queue", "maildefer.admin", "inspect and manage a queue: count, keys, show, requeue..."),
+    ("status", "maildefer.status_cli", "queue depths and ages; non-zero exit past thresholds"),
+    ("worker", "maildefer.worker_cli", "run a queue's handlers on its messages as they arrive"),
+    (
+        "routes",
+        "maildefer.routes_cli",
+        "list the routes; --test ADDRESS shows which handlers an address reaches",
+    ),
+    ("serve", "maildefer.serve_cli", "receive mail over SMTP/LMTP and run the handlers"),
+    ("send", "maildefer.send_cli", "send a test message over SMTP (to serve by default)"),
+    ("log", "maildefer.log_cli", "an SMTP server that queues every message it gets (dev relay)"),
 )
 
 

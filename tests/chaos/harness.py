@@ -8,6 +8,7 @@ aside with a reason (lost = 0) and count duplicates.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maildefer.queue.maildir import MaildirQueue
 from tests.chaos.project import ChaosProject
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +41,7 @@ class Profile:
     deadline: float = 100.0
 
 
-SHORT = Profile(messages=300, min_kills=12)
+SHORT = Profile(messages=300, min_kills=12, fault_interval=(0.5, 1.2))
 LONG = Profile(messages=5000, min_kills=60, sessions=8, deadline=900.0)
 
 
@@ -56,13 +58,15 @@ class Result:
     lost: list[int]
     kills: Counter[str] = field(default_factory=Counter)
     leftovers: list[str] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
 
     def summary(self) -> str:
         return (
             f"seed={self.seed} messages={self.messages} acked={self.acked} "
             f"handled={self.handled} duplicates={self.duplicates} "
             f"undeliverable={self.undeliverable} lost={len(self.lost)} "
-            f"kills={dict(self.kills)} leftovers={len(self.leftovers)}"
+            f"reasons={dict(self.reasons)} kills={dict(self.kills)} "
+            f"leftovers={len(self.leftovers)}"
         )
 
 
@@ -261,12 +265,17 @@ def run_chaos(project: ChaosProject, profile: Profile, seed: int) -> Result:
             time.sleep(0.2)
     finally:
         cluster.stop()
+    # What the next worker start would do: return dead claims, drop dead writers' tmp/ files.
+    MaildirQueue(project.work, undeliverable=project.undeliverable).recover_now()
     handled_lines = (
         project.handled_log.read_text().split() if project.handled_log.exists() else []
     )
     handled = Counter(int(x) for x in handled_lines)
     dead = {s for p in queue_files(project.undeliverable, ("new", "cur")) if (s := seq_of(p))}
     lost = sorted(client.acked - set(handled) - dead)
+    reasons: Counter[str] = Counter()
+    for record in (project.undeliverable / "errors").glob("*.json"):
+        reasons[json.loads(record.read_text()).get("reason", "?")] += 1
     leftovers = [str(p) for p in queue_files(project.work, ("tmp", "new", "cur", "later"))]
     return Result(
         seed=seed,
@@ -278,4 +287,5 @@ def run_chaos(project: ChaosProject, profile: Profile, seed: int) -> Result:
         lost=lost,
         kills=kills,
         leftovers=leftovers,
+        reasons=reasons,
     )

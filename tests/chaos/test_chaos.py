@@ -31,3 +31,5 @@ def test_nothing_acknowledged_is_lost_under_kills(tmp_path: Path) -> None:
     # Almost every message got through despite the faults (a 5xx would be a bug).
     assert result.acked >= profile.messages * 0.95, result.summary()
     assert not result.leftovers, result.summary()
+    # Each message set aside has its reason recorded beside it.
+    assert sum(result.reasons.values()) == result.undeliverable, result.summary()

@@ -1,0 +1,396 @@
+"""The queue worker: claim a message, run its handlers, then ack, retry or bury it.
+
+A :class:`Worker` pulls claims from its queue only while one of its ``concurrency``
+handler slots is free, so it never holds more messages than it can run (the rest stay
+in ``new/`` for other workers). Each message runs in its own task, under
+``handler_timeout``:
+
+- the handlers return: **ack** (the message leaves the queue);
+- they raise or time out: **retry** with backoff, or after ``max_attempts`` **bury** it
+  in the undeliverable queue with the error and traceback recorded;
+- no handler matches (:class:`~maildefer.errors.NoRouteError`): **bury** at once,
+  since retrying cannot help.
+
+Shutdown (:meth:`Worker.stop`, wired to SIGTERM/SIGINT by the CLI) stops claiming, lets
+in-flight handlers finish within ``grace_period``, gives back the unfinished ones
+(``release``: back to ``new/``, no attempt counted) and logs one summary line. A
+process killed outright leaves its claims in ``cur/``; the next worker's ``recover``
+returns them (at-least-once).
+
+Every message gets one canonical log line, ``event="message"``, with ``queue``,
+``key``, ``attempt`` (bound as context for anything the handlers log), ``handlers``,
+``outcome`` (``ok``, ``retry``, ``buried`` or ``released``), ``duration_ms`` and
+``latency_ms`` (from entering the queue to the handler's start).
+
+Example:
+    >>> import asyncio, tempfile
+    >>> from maildefer import logs
+    >>> from maildefer.queue import MaildirQueue
+    >>> logs.configure(level="error")
+    >>> async def demo():
+    ...     q = MaildirQueue(tempfile.mkdtemp())
+    ...     await q.push(b"Subject: hi\\n\\n")
+    ...     seen = []
+    ...     async def deliver(message):
+    ...         seen.append(message["Subject"])
+    ...     stats = await Worker(q, deliver, burst=True).run()
+    ...     return seen, stats.handled
+    >>> asyncio.run(demo())
+    (['hi'], 1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+
+import structlog
+
+from maildefer.errors import ConfigError, NoRouteError
+from maildefer.logs import sanitize
+from maildefer.mail import MailRequest
+from maildefer.queue import QueueBackend, QueueRegistry
+from maildefer.queue.base import Claim
+from maildefer.queue.maildir import MaildirQueue
+from maildefer.queue.maildir_feed import MaildirFeed, WatchFactory
+
+Deliver = Callable[[MailRequest], Awaitable[object]]
+"""What runs a message: ``Router.deliver`` in the CLI, any coroutine function in tests."""
+
+
+@dataclass
+class WorkerStats:
+    """What a worker did with the messages it claimed.
+
+    Attributes:
+        handled: handlers returned; acked.
+        failed: handlers raised or timed out (each then retried or buried).
+        retried: failures put back for a later attempt.
+        buried: messages moved to the undeliverable queue.
+        released: claims given back unhandled at shutdown.
+
+    Example:
+        >>> WorkerStats(handled=2).handled
+        2
+    """
+
+    handled: int = 0
+    failed: int = 0
+    retried: int = 0
+    buried: int = 0
+    released: int = 0
+
+
+class Worker:
+    """Runs one queue's handlers on its messages, ``concurrency`` at a time.
+
+    Args:
+        backend: the queue (a :class:`MaildirQueue`, or any backend whose ``consume``
+            yields claims).
+        deliver: runs one message (``Router(...).deliver``).
+        concurrency: handler tasks at once, and so claims held at once.
+        handler_timeout: seconds one message's handlers may run; longer is a failure.
+        grace_period: seconds in-flight handlers get to finish after :meth:`stop`.
+        burst: drain what is in the queue (and retries already due), then return.
+        handlers: names for the log line (the handler modules).
+        registry: made active while the worker runs, so the handlers'
+            ``Queue(...)`` share backends with it.
+        watch: the watcher factory for a maildir queue (``watchfiles.awatch``).
+
+    Example:
+        >>> from maildefer.queue import MaildirQueue
+        >>> async def deliver(message): ...
+        >>> Worker(MaildirQueue("/tmp/q-worker-doc"), deliver, concurrency=2).concurrency
+        2
+    """
+
+    def __init__(
+        self,
+        backend: QueueBackend,
+        deliver: Deliver,
+        *,
+        concurrency: int = 8,
+        handler_timeout: float = 300.0,
+        grace_period: float = 30.0,
+        burst: bool = False,
+        handlers: Sequence[str] = (),
+        registry: QueueRegistry | None = None,
+        watch: WatchFactory | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigError(f"concurrency = {concurrency}: expected at least 1")
+        self.backend = backend
+        self.deliver = deliver
+        self.concurrency = concurrency
+        self.handler_timeout = handler_timeout
+        self.grace_period = grace_period
+        self.burst = burst
+        self.handlers = list(handlers)
+        self.registry = registry
+        self._watch = watch
+        self.stats = WorkerStats()
+        self._stopping = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._running: dict[asyncio.Task[None], Claim] = {}
+        self._log = structlog.get_logger("maildefer.worker")
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called.
+
+        Example:
+            >>> from maildefer.queue import MaildirQueue
+            >>> async def deliver(message): ...
+            >>> Worker(MaildirQueue("/tmp/q-worker-doc"), deliver).stopping
+            False
+        """
+        return self._stopping.is_set()
+
+    def stop(self) -> None:
+        """Ask the worker to stop: no more claims, then finish or release in-flight ones.
+
+        Safe to call from a signal handler installed with ``loop.add_signal_handler``.
+
+        Example:
+            >>> from maildefer.queue import MaildirQueue
+            >>> async def deliver(message): ...
+            >>> w = Worker(MaildirQueue("/tmp/q-worker-doc"), deliver); w.stop(); w.stopping
+            True
+        """
+        self._stopping.set()
+
+    def in_flight(self) -> list[Claim]:
+        """The claims whose handlers are running now.
+
+        Example:
+            >>> from maildefer.queue import MaildirQueue
+            >>> async def deliver(message): ...
+            >>> Worker(MaildirQueue("/tmp/q-worker-doc"), deliver).in_flight()
+            []
+        """
+        return list(self._running.values())
+
+    # -- the run -------------------------------------------------------------------------
+
+    async def run(self) -> WorkerStats:
+        """Recover, then handle messages until :meth:`stop` (or, in burst mode, drained).
+
+        Returns:
+            The counts, also logged as the ``worker_stopped`` summary line.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from maildefer.queue import MaildirQueue
+            >>> async def deliver(message): ...
+            >>> q = MaildirQueue(tempfile.mkdtemp())
+            >>> asyncio.run(Worker(q, deliver, burst=True).run()).handled
+            0
+        """
+        context: AbstractContextManager[object] = (
+            self.registry.active() if self.registry is not None else nullcontext()
+        )
+        # A concrete logger for the run: the lazy proxy would rebuild it on every line.
+        self._log = structlog.get_logger("maildefer.worker").bind()
+        with context, structlog.contextvars.bound_contextvars(queue=self.backend.url):
+            report = await self.backend.recover()
+            self._log.info(
+                "worker_started",
+                concurrency=self.concurrency,
+                burst=self.burst,
+                handlers=self.handlers,
+                recovered=report.returned,
+                quarantined=report.quarantined,
+                due=report.due,
+            )
+            claims = self._claims()
+            loop = asyncio.get_running_loop()
+            pull: asyncio.Task[object] = loop.create_task(self._pull(claims))
+            stop: asyncio.Task[object] = loop.create_task(self._stopping.wait())
+            heartbeat = self._start_heartbeat()
+            try:
+                await asyncio.wait([pull, stop], return_when=asyncio.FIRST_COMPLETED)
+                if pull.done() and _failure(pull) is None:
+                    # Burst mode, drained: wait for the last handlers (or a stop).
+                    while self._running and not self._stopping.is_set():
+                        await asyncio.wait(
+                            [*self._running, stop], return_when=asyncio.FIRST_COMPLETED
+                        )
+                await _cancel(pull)
+                await self._drain()
+            finally:
+                await _cancel(pull)
+                await _cancel(stop)
+                if heartbeat is not None:
+                    await _cancel(heartbeat)
+                await self._drain(grace=0.0)
+                await _aclose(claims)
+                self._log.info("worker_stopped", **asdict(self.stats))
+        failure = _failure(pull)
+        if failure is not None:
+            raise failure  # the queue itself failed (a listing, a watcher that cannot start)
+        return self.stats
+
+    def _claims(self) -> AsyncIterator[Claim]:
+        if isinstance(self.backend, MaildirQueue):
+            feed = (
+                MaildirFeed(self.backend, burst=self.burst)
+                if self._watch is None
+                else MaildirFeed(self.backend, burst=self.burst, watch=self._watch)
+            )
+            return feed.claims()
+        if self.burst:
+            raise ConfigError(f"queue {self.backend.url}: --burst needs a maildir queue")
+        return self.backend.consume()
+
+    async def _pull(self, claims: AsyncIterator[Claim]) -> None:
+        """Claim one message each time a handler slot is free."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                claim = await anext(claims)
+            except StopAsyncIteration:
+                self._slots.release()
+                return  # burst mode: drained
+            except BaseException:
+                self._slots.release()
+                raise
+            task = loop.create_task(self._handle(claim))
+            self._running[task] = claim
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error("handler_task_failed", error=repr(task.exception()))
+
+    async def _drain(self, grace: float | None = None) -> None:
+        """Let running handlers finish within the grace period; release the rest."""
+        if not self._running:
+            return
+        wait = self.grace_period if grace is None else grace
+        tasks = list(self._running)
+        if wait > 0:
+            await asyncio.wait(tasks, timeout=wait)
+        late = [task for task in tasks if not task.done()]
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+
+    def _start_heartbeat(self) -> asyncio.Task[object] | None:
+        """In shared-fs mode, renew in-flight claims' leases so peers do not recover them."""
+        backend = self.backend
+        if not isinstance(backend, MaildirQueue) or not backend.options.shared_fs:
+            return None
+        every = backend.options.lease / 3
+
+        async def beat() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    await loop.run_in_executor(None, backend.touch, self.in_flight())
+                except OSError as exc:
+                    self._log.error("heartbeat_failed", error=str(exc))
+
+        return asyncio.get_running_loop().create_task(beat())
+
+    # -- one message ----------------------------------------------------------------------
+
+    async def _handle(self, claim: Claim) -> None:
+        attempt = claim.attempts + 1
+        with structlog.contextvars.bound_contextvars(key=claim.key, attempt=attempt):
+            started = time.time()
+            latency = None if claim.queued_at is None else (started - claim.queued_at) * 1000
+            t0 = time.perf_counter()
+            outcome, error = "ok", None
+            timer = asyncio.timeout(self.handler_timeout)
+            try:
+                async with timer:
+                    await self.deliver(claim.message)
+            except asyncio.CancelledError:
+                # Only the shutdown cancels a handler (past the grace period).
+                await asyncio.shield(self._finish(claim, "released", None))
+                self._line("released", t0, latency, None)
+                raise
+            except NoRouteError as exc:
+                outcome, error = "buried", _error_text(exc)
+            except Exception as exc:
+                if isinstance(exc, TimeoutError) and timer.expired():
+                    error = f"handler timed out after {self.handler_timeout:g} s"
+                else:
+                    error = _error_text(exc)
+                outcome = "retry"
+            outcome = await self._finish(claim, outcome, error)
+            self._line(outcome, t0, latency, error)
+
+    async def _finish(self, claim: Claim, outcome: str, error: str | None) -> str:
+        """Ack, retry, bury or release a claim; returns the outcome that happened."""
+        stats = self.stats
+        try:
+            if outcome == "ok":
+                await self.backend.ack(claim)
+                stats.handled += 1
+            elif outcome == "released":
+                await self.backend.release(claim)
+                stats.released += 1
+            elif outcome == "buried":
+                stats.failed += 1
+                await self.backend.bury(claim, error or "", "failed")
+                stats.buried += 1
+            else:
+                stats.failed += 1
+                if await self.backend.retry(claim, error or ""):
+                    stats.retried += 1
+                else:
+                    stats.buried += 1
+                    outcome = "buried"
+        except Exception as exc:
+            # The claim stays in cur/; the next recovery returns it (at-least-once).
+            self._log.error("queue_op_failed", outcome=outcome, error=str(exc))
+        return outcome
+
+    def _line(self, outcome: str, t0: float, latency: float | None, error: str | None) -> None:
+        """The canonical log line of one message."""
+        fields: dict[str, object] = {
+            "handlers": self.handlers,
+            "outcome": outcome,
+            "duration_ms": round((time.perf_counter() - t0) * 1000, 3),
+            "latency_ms": None if latency is None else round(latency, 3),
+        }
+        if error is None:
+            self._log.info("message", **fields)
+        else:
+            last = error.rstrip().rpartition("\n")[2]
+            self._log.warning("message", error=sanitize(last, 300), **fields)
+
+
+def _error_text(exc: BaseException) -> str:
+    """The error as recorded beside a retried or buried message: traceback included."""
+    return "".join(traceback.format_exception(exc))
+
+
+async def _cancel(task: asyncio.Task[object]) -> None:
+    """Cancel a task and wait until it is done (its outcome is read by the caller)."""
+    if not task.done():
+        task.cancel()
+    await asyncio.wait([task])
+
+
+def _failure(task: asyncio.Task[object]) -> BaseException | None:
+    """The exception a finished task ended with (``None`` if cancelled or fine)."""
+    if not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
+async def _aclose(claims: AsyncIterator[Claim]) -> None:
+    aclose = getattr(claims, "aclose", None)
+    if aclose is not None:
+        await aclose()
