@@ -24,6 +24,7 @@ import structlog
 
 from maildefer import logs
 from maildefer.errors import ConfigError, MaildeferError
+from maildefer.relay import Relay
 from maildefer.settings import Settings, load_settings
 
 # (command, module, one-line help). A module is imported only when its command runs.
@@ -55,11 +56,25 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser, every command's module loaded.
+def _selected(argv: Sequence[str]) -> str | None:
+    """The command named in ``argv`` (the first positional word), if any."""
+    words = iter(argv)
+    for word in words:
+        if word == "--config":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only ``command``'s module is imported (all when ``None``).
+
+    Importing every command's dependencies (aiosmtpd, watchfiles, prometheus-client) would
+    add a second to each worker start, which restarts after a crash pay for.
 
     Example:
-        >>> build_parser().prog
+        >>> build_parser("queue").prog
         'maildefer'
     """
     parser = _Parser(
@@ -75,7 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, module, help_text in COMMANDS:
-        command = cast(_Command, importlib.import_module(module))
         cmd_parser = sub.add_parser(name, help=help_text, description=help_text)
         cmd_parser.add_argument(
             "--config",
@@ -83,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
             default=argparse.SUPPRESS,
             help="settings file (default: config/settings.toml)",
         )
-        command.add_arguments(cmd_parser)
+        if command is None or command == name:
+            cast(_Command, importlib.import_module(module)).add_arguments(cmd_parser)
         cmd_parser.set_defaults(_module=module)
     return parser
 
@@ -96,9 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         2
     """
     try:
-        parser = build_parser()
+        words = list(sys.argv[1:] if argv is None else argv)
+        parser = build_parser(_selected(words) or "")
         try:
-            args = parser.parse_args(argv)
+            args = parser.parse_args(words)
         except SystemExit as exc:  # --help and --version exit 0 through argparse
             return int(exc.code or 0)
         settings = load_settings(args.config)
@@ -108,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(level=settings.logging.level, fmt=settings.logging.format)
     command = cast(_Command, importlib.import_module(args._module))
     try:
-        return command.run(args, settings)
+        with Relay.from_settings(settings).active():
+            return command.run(args, settings)
     except ConfigError as exc:
         print(f"maildefer: error: {exc}", file=sys.stderr)
         return 2

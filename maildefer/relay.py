@@ -2,7 +2,11 @@
 
 Handlers reply to senders (Lamson's ``relay.deliver``) through the relay named in
 ``[relay]``; in development that is ``maildefer log``, which keeps everything it is sent
-in a queue instead of delivering it.
+in a queue instead of delivering it. Every command runs with the relay of its settings
+active (:meth:`Relay.active`), so handler code calls the module-level :func:`deliver`.
+Handlers that run inside the SMTP session should rather push replies to a queue that
+:mod:`maildefer.outbox` relays with retries: a relay that is down then delays a reply
+instead of refusing the incoming message.
 
 Example:
     >>> from maildefer.settings import Settings
@@ -13,10 +17,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextvars
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from email.message import EmailMessage, Message
-
-import aiosmtplib
 
 from maildefer.mail import MailRequest, MailResponse
 from maildefer.settings import Settings
@@ -42,6 +46,21 @@ class Relay:
         self.host = host
         self.port = port
         self.timeout = timeout
+
+    @contextmanager
+    def active(self) -> Iterator[Relay]:
+        """Make this the relay that :func:`deliver` uses in this context.
+
+        Example:
+            >>> with Relay(port=2527).active():
+            ...     current_relay().port
+            2527
+        """
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Relay:
@@ -86,6 +105,9 @@ class Relay:
             ...
             ValueError: raw bytes need mail_from and rcpt_tos
         """
+        # Imported here: every command activates a relay, few of them send mail.
+        import aiosmtplib
+
         payload: EmailMessage | Message | bytes
         sender, recipients = mail_from, list(rcpt_tos) if rcpt_tos is not None else None
         if isinstance(message, MailResponse):
@@ -108,3 +130,45 @@ class Relay:
             start_tls=False,
         )
         return reply
+
+
+# A context variable, not a global: the CLI activates the relay of its settings, and the
+# tasks of serve and worker inherit it.
+_ACTIVE: contextvars.ContextVar[Relay | None] = contextvars.ContextVar(
+    "maildefer_relay", default=None
+)
+
+
+def current_relay() -> Relay:
+    """The relay active in this context.
+
+    Raises:
+        RuntimeError: no relay is active (outside serve/worker, use ``Relay(...)``).
+
+    Example:
+        >>> with Relay(port=2528).active():
+        ...     current_relay().port
+        2528
+    """
+    relay = _ACTIVE.get()
+    if relay is None:
+        raise RuntimeError("no relay is active: use Relay(host, port).deliver(...)")
+    return relay
+
+
+async def deliver(
+    message: Sendable,
+    *,
+    mail_from: str | None = None,
+    rcpt_tos: Sequence[str] | None = None,
+) -> str:
+    """Send a message through the active relay (Lamson's ``relay.deliver``).
+
+    Example:
+        >>> import asyncio
+        >>> asyncio.run(deliver(b"x"))
+        Traceback (most recent call last):
+        ...
+        RuntimeError: no relay is active: use Relay(host, port).deliver(...)
+    """
+    return await current_relay().deliver(message, mail_from=mail_from, rcpt_tos=rcpt_tos)

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--test",
         metavar="ADDRESS",
         default=None,
-        help="show which handlers mail to ADDRESS reaches (exit 1 if none)",
+        help="show which handlers mail to ADDRESS reaches (exit 1 if serve would refuse it)",
     )
 
 
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None)
                 _describe(route, out)
         return 0
     reached = 0
+    served = 0
     for title, modules in sections(settings):
         if not modules:
             continue
@@ -106,8 +107,14 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None)
             print(f"{title} {route.pattern}  {shown}", file=out)
             _describe(route, out)
             reached += len(route.handlers)
+            if title == "[server]":
+                served += len(route.handlers)
     if reached == 0:
         print(f"{args.test}: no handler", file=out)
+        return 1
+    if served == 0:
+        # Queue handlers alone do not make an address deliverable: serve refuses it at RCPT.
+        print(f"{args.test}: no [server] handler: serve answers 550 5.1.1", file=out)
         return 1
     # Of a module's stateful handlers, only the one named by the sender's state runs.
     print(f"{args.test}: {reached} handler(s); stateful ones run by sender state", file=out)

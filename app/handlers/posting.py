@@ -6,9 +6,11 @@ accepted and pushed to the ``run/posts`` queue; the ``index`` handler, run by
 the message is on disk, so the SMTP 250 that follows never promises more than is stored.
 
 A sender starts in ``START`` and moves to ``POSTING`` after the first post (the state is
-kept in ``run/state.db``): the place where a first-time poster would get a welcome or a
-confirmation request. The tutorial's reply (through ``maildefer.relay``) is left out so
-the example needs no outgoing mail server.
+kept in ``run/state.db``). Each post is answered, as in the tutorial, but the reply is not
+sent from the SMTP session: it is pushed to ``run/outbox``, which a worker relays
+(``maildefer.outbox``, through ``[relay]``) with retries, so a relay that is down delays
+the reply instead of refusing the post. No reply goes to the null sender or to mail that
+is itself automatic (RFC 3834).
 """
 
 from __future__ import annotations
@@ -18,15 +20,36 @@ from typing import Any
 
 import structlog
 
-from maildefer import MailRequest, Queue, route, route_like
+from maildefer import MailRequest, MailResponse, Queue, route, route_like
 
 # Relative to the working directory: run `serve` and `worker` from the project root.
 POSTS_QUEUE = "run/posts"
+OUTBOX_QUEUE = "run/outbox"
+
+
+def reply_for(message: MailRequest, post_name: str, host: str) -> MailResponse | None:
+    """The confirmation for a post, or None where RFC 3834 says not to answer."""
+    auto = (message["Auto-Submitted"] or "no").strip().lower()
+    if not message.mail_from or auto != "no" or message["List-Id"] is not None:
+        return None
+    reply = MailResponse(
+        To=message.mail_from,
+        From=f"noreply@{host}",
+        Subject=f"Re: {message['Subject'] or post_name}",
+        Body=f"Your post {post_name!r} was received and will be published shortly.\n",
+        headers={"Auto-Submitted": "auto-replied"},
+    )
+    if message["Message-ID"]:
+        reply.headers["In-Reply-To"] = str(message["Message-ID"])
+    return reply
 
 
 async def defer(message: MailRequest, post_name: str, host: str) -> str:
     """Push the post to the queue; returns its key once it is durable."""
     key = await Queue(POSTS_QUEUE).push(message)
+    reply = reply_for(message, post_name, host)
+    if reply is not None:
+        await Queue(OUTBOX_QUEUE).push(reply.to_message())
     structlog.get_logger("app.posting").info("post queued", post_name=post_name, host=host, key=key)
     return key
 
