@@ -31,11 +31,15 @@ bench-deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null; \
 	fi
 
+# The example project: serve on 127.0.0.1:8823, a worker per queue, and `log` on the relay
+# port (8825) standing in for an outgoing mail server: replies land in run/relayed.
 run: venv
 	@mkdir -p run
-	@echo "serve on 127.0.0.1:8823 and a worker on run/posts; Ctrl-C stops both"
-	@trap 'kill 0' INT TERM EXIT; \
+	@echo "serve on 127.0.0.1:8823, workers on run/posts and run/outbox, dev relay on 8825 -> run/relayed; Ctrl-C stops all"
+	@trap 'trap - INT TERM EXIT; kill $$(jobs -p) 2>/dev/null; wait' INT TERM EXIT; \
+	$(PY) -m maildefer log --port 8825 --queue run/relayed & \
 	$(PY) -m maildefer worker --queue posts & \
+	$(PY) -m maildefer worker --queue outbox & \
 	$(PY) -m maildefer serve
 
 test: venv system-deps
