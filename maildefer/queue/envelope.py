@@ -5,14 +5,16 @@ message: Lamson and Salmon route queued mail on its ``To:`` header, so Bcc recip
 vanish. maildefer prepends two header fields to the original bytes, which stay byte-exact
 after them, so the file is still a valid RFC 5322 message any maildir reader opens::
 
-    X-Maildefer-Envelope: v=1; len=<bytes of the original>; sha256=<hex of the original>;
+    X-Maildefer-Envelope: v=1; len=<bytes of the original>; sha256=<hex of the original>; env=<x>;
      d=<base64 of a JSON object {"from", "to", "peer", "at", "for"}, folded at 76 columns>
     Return-Path: <sender>
     <the original message, byte for byte>
 
-``len`` and ``sha256`` make the file self-checking (Postfix's END record): a truncated or
-altered file is detected before a handler sees it. The prefix uses the line ending of the
-original's first line, so a CRLF message stays all-CRLF and an LF file all-LF.
+``len`` and ``sha256`` (of the original) and ``env`` (16 hex digits of the sha256 of ``d``)
+make the file self-checking (Postfix's END record), and the prefix must be exactly what
+:func:`wrap` writes: a truncated or altered file is detected before a handler sees it.
+The prefix uses the line ending of the original's first line, so a CRLF message stays
+all-CRLF and an LF file all-LF.
 
 Example:
     >>> data = wrap(b"Subject: x\\r\\n\\r\\nhi\\r\\n", Envelope("a@x", ["b@y"], "1.2.3.4:5", 1.5))
@@ -59,30 +61,66 @@ def wrap(raw: bytes, envelope: Envelope) -> bytes:
         >>> wrap(b"\\n", Envelope("", [])).startswith(HEADER)
         True
     """
+    digest = hashlib.sha256(raw).hexdigest().encode("ascii")
+    return _prefix(len(raw), digest, _encode(envelope), envelope.mail_from, _eol(raw)) + raw
+
+
+def _eol(raw: bytes) -> bytes:
+    """The line ending of the original's first line: the prefix uses the same one."""
     first_lf = raw.find(b"\n")
-    eol = b"\r\n" if first_lf > 0 and raw[first_lf - 1 : first_lf] == b"\r" else b"\n"
+    return b"\r\n" if first_lf > 0 and raw[first_lf - 1 : first_lf] == b"\r" else b"\n"
+
+
+def _encode(envelope: Envelope) -> bytes:
+    """The base64 JSON of an envelope, in one canonical form (unwrap re-derives it)."""
     payload = json.dumps(
         {
             "from": envelope.mail_from,
-            "to": envelope.rcpt_tos,
+            "to": list(envelope.rcpt_tos),
             "peer": envelope.peer,
-            "at": envelope.received_at,
+            "at": float(envelope.received_at),
             "for": envelope.rcpt_to,
         },
         separators=(",", ":"),
-    ).encode("ascii")
-    encoded = base64.b64encode(payload)
-    digest = hashlib.sha256(raw).hexdigest().encode("ascii")
-    lines = [HEADER + b" v=1; len=%d; sha256=%s;" % (len(raw), digest)]
+        # Not ASCII escapes: json.loads would join an escaped surrogate pair into one
+        # character. surrogatepass keeps every code point as it was, lone or paired.
+        ensure_ascii=False,
+    ).encode("utf-8", "surrogatepass")
+    return base64.b64encode(payload)
+
+
+def _prefix(length: int, digest: bytes, encoded: bytes, sender: str, eol: bytes) -> bytes:
+    # env= checks the envelope itself (sha256 only covers the original bytes): without it
+    # a flipped bit in the base64 could yield a valid, different sender or recipient.
+    check = hashlib.sha256(encoded).hexdigest()[:16].encode("ascii")
+    lines = [HEADER + b" v=1; len=%d; sha256=%s; env=%s;" % (length, digest, check)]
     chunk = b" d=" + encoded[: _FOLD - 3]
     lines.append(chunk)
     for start in range(_FOLD - 3, len(encoded), _FOLD - 1):
         lines.append(b" " + encoded[start : start + _FOLD - 1])
     # Return-Path is informational (mutt shows it); the JSON is authoritative. CR/LF
-    # cannot occur in an SMTP address but a push() from code could pass anything.
-    sender = envelope.mail_from.replace("\r", "").replace("\n", "")
-    lines.append(b"Return-Path: <" + sender.encode("utf-8", "surrogateescape") + b">")
-    return eol.join(lines) + eol + raw
+    # cannot occur in an SMTP address but a push() from code could pass anything,
+    # including lone surrogates that no codec but backslashreplace can write.
+    sender = sender.replace("\r", "").replace("\n", "")
+    try:
+        address = sender.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        address = sender.encode("utf-8", "backslashreplace")
+    lines.append(b"Return-Path: <" + address + b">")
+    return eol.join(lines) + eol
+
+
+def _damaged_header(data: bytes) -> bool:
+    """A file that starts like a record whose first bytes were truncated or altered.
+
+    A bit flip in the field name, or a file cut inside it, must read as corrupt, not as
+    a foreign message without an envelope (R6).
+    """
+    if not data:
+        return False
+    if len(data) < len(HEADER):
+        return HEADER.startswith(data)
+    return sum(a != b for a, b in zip(data, HEADER, strict=False)) <= 2
 
 
 def unwrap(data: bytes) -> tuple[Envelope | None, bytes]:
@@ -97,16 +135,26 @@ def unwrap(data: bytes) -> tuple[Envelope | None, bytes]:
         True
     """
     if not data.startswith(HEADER):
+        if _damaged_header(data):
+            raise CorruptMessageError("envelope record header is damaged")
         return None, data
     try:
         header_end, fields = _parse_record(data)
+        if fields.get("v") != "1":
+            raise CorruptMessageError(f"unknown envelope version {fields.get('v')!r}")
         length = int(fields["len"])
-        raw = data[len(data) - length :] if length else b""
-        if length > len(data) - header_end or len(raw) != length:
-            raise CorruptMessageError(f"envelope says {length} bytes, file holds fewer")
-        if hashlib.sha256(raw).hexdigest() != fields["sha256"]:
+        if length != len(data) - header_end:
+            raise CorruptMessageError(
+                f"envelope says {length} bytes, file holds {len(data) - header_end}"
+            )
+        raw = data[header_end:]
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != fields["sha256"]:
             raise CorruptMessageError("message bytes do not match the envelope's sha256")
-        obj = json.loads(base64.b64decode(fields["d"], validate=True))
+        encoded = fields["d"].encode("ascii")
+        if hashlib.sha256(encoded).hexdigest()[:16] != fields["env"]:
+            raise CorruptMessageError("envelope record does not match its checksum")
+        obj = json.loads(base64.b64decode(encoded, validate=True).decode("utf-8", "surrogatepass"))
         envelope = Envelope(
             mail_from=str(obj["from"]),
             rcpt_tos=[str(r) for r in obj["to"]],
@@ -114,6 +162,11 @@ def unwrap(data: bytes) -> tuple[Envelope | None, bytes]:
             received_at=float(obj.get("at", 0.0)),
             rcpt_to=str(obj.get("for", "")),
         )
+        # The record must be exactly what wrap() writes: this catches damage to the
+        # separators, line ends and Return-Path that the parser above tolerates.
+        expected = _prefix(length, digest.encode("ascii"), encoded, envelope.mail_from, _eol(raw))
+        if data[:header_end] != expected:
+            raise CorruptMessageError("envelope record is not in its written form")
     except CorruptMessageError:
         raise
     except (KeyError, ValueError, TypeError, binascii.Error) as exc:

@@ -93,6 +93,13 @@ class MaildirFeed:
         debounce_ms: watchfiles ``debounce``.
         scan_batch: names per ``scandir`` batch.
         claim_in_thread: claim through the executor (default: on a shared filesystem).
+        ready: the event to set once the feed is live (see :attr:`ready`); a new one by
+            default.
+
+    Attributes:
+        ready: set once the watcher is armed (when there is one) and the first batch of
+            the first scan of ``new/`` is in: from then on a file landing in ``new/`` is
+            picked up without waiting for a rescan. The worker's ``READY=1`` waits for it.
 
     Example:
         >>> from maildefer.queue.maildir import MaildirQueue
@@ -111,8 +118,10 @@ class MaildirFeed:
         debounce_ms: int = DEBOUNCE_MS,
         scan_batch: int = SCAN_BATCH,
         claim_in_thread: bool | None = None,
+        ready: asyncio.Event | None = None,
     ) -> None:
         self.queue = queue
+        self.ready = asyncio.Event() if ready is None else ready
         self.burst = burst
         self._watch = watch
         self._step_ms = step_ms
@@ -234,6 +243,10 @@ class MaildirFeed:
             ):
                 self._since_batch = 0
                 batch = await loop.run_in_executor(None, self._next_batch)
+                # Live once the first batch is in, not once the whole first scan is: a
+                # backlog of 100k files is read batch by batch as handler slots free up,
+                # and readiness must not wait for the backlog (systemd's start timeout).
+                self.ready.set()
                 if batch is not None:
                     for name in batch:
                         self._offer(name)

@@ -56,7 +56,9 @@ class MaildirName:
     """
 
     key: str
-    fields: tuple[tuple[str, str], ...] = ()
+    # A value of None is a field written without "=" (another program's name): kept so
+    # that parse(name).filename == name and a rename never invents a new file name.
+    fields: tuple[tuple[str, str | None], ...] = ()
     info: str = ""
 
     @classmethod
@@ -69,10 +71,10 @@ class MaildirName:
         """
         base, sep, info = filename.partition(":")
         key, *rest = base.split(",")
-        parsed: list[tuple[str, str]] = []
+        parsed: list[tuple[str, str | None]] = []
         for item in rest:
-            name, _, value = item.partition("=")
-            parsed.append((name, value))
+            name, eq, value = item.partition("=")
+            parsed.append((name, value if eq else None))
         return cls(key, tuple(parsed), sep + info)
 
     @property
@@ -83,7 +85,7 @@ class MaildirName:
             >>> MaildirName("k", (("A", "1"),)).filename
             'k,A=1'
         """
-        tail = "".join(f",{k}={v}" if v or k else "," for k, v in self.fields)
+        tail = "".join(f",{k}" if v is None else f",{k}={v}" for k, v in self.fields)
         return f"{self.key}{tail}{self.info}"
 
     def field(self, name: str) -> str | None:
@@ -95,7 +97,7 @@ class MaildirName:
         """
         for k, v in self.fields:
             if k == name:
-                return v
+                return "" if v is None else v
         return None
 
     def _int(self, name: str) -> int:
@@ -143,7 +145,7 @@ class MaildirName:
             'k,A=2'
         """
         remaining = dict(changes)
-        out: list[tuple[str, str]] = []
+        out: list[tuple[str, str | None]] = []
         for k, v in self.fields:
             if k in remaining:
                 new = remaining.pop(k)

@@ -1,0 +1,60 @@
+"""Shared fixtures: the message corpus and a runner for ``python -m maildefer``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+CORPUS_DIR = Path("/work/shared/corpus")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+RunCli = Callable[..., subprocess.CompletedProcess[bytes]]
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[Path]:
+    """Every real test message (``*.eml``) of the shared corpus."""
+    paths = sorted(CORPUS_DIR.glob("*.eml"))
+    if not paths:
+        pytest.skip(f"no corpus in {CORPUS_DIR}")
+    return paths
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> RunCli:
+    """Run ``python -m maildefer ARGS`` in a subprocess; returns the completed process.
+
+    ``cwd`` defaults to ``tmp_path``; ``env`` entries are added to a copy of the
+    environment with ``MAILDEFER_*`` variables removed (so the caller's shell cannot leak
+    settings in). stdout and stderr are bytes.
+    """
+
+    def run(
+        *args: str | os.PathLike[str],
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        input: bytes | None = None,
+        timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess[bytes]:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("MAILDEFER_")}
+        environ["PYTHONPATH"] = os.pathsep.join(
+            [str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        environ.update(env or {})
+        argv: Sequence[str] = [sys.executable, "-m", "maildefer", *map(os.fspath, args)]
+        return subprocess.run(
+            argv,
+            cwd=cwd or tmp_path,
+            env=environ,
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    return run
