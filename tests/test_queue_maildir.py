@@ -20,6 +20,7 @@ import pytest
 from helpers.spy_os import SpyOS
 
 import maildefer.queue.maildir as maildir_module
+import maildefer.queue.writer as writer_module
 from maildefer.errors import QueueError
 from maildefer.mail import MailRequest
 from maildefer.queue.base import QueueOptions
@@ -39,6 +40,7 @@ def files(folder: Path) -> list[str]:
 def spy(monkeypatch: pytest.MonkeyPatch) -> SpyOS:
     spy = SpyOS()
     monkeypatch.setattr(maildir_module, "os", spy)
+    monkeypatch.setattr(writer_module, "os", spy)
     return spy
 
 

@@ -43,10 +43,8 @@ import random
 import re
 import shutil
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,17 +54,12 @@ from maildefer.mail import MailRequest, addresses_from_headers
 from maildefer.queue.base import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
 from maildefer.queue.envelope import Envelope, unwrap, wrap
 from maildefer.queue.names import MaildirName, NameGenerator, escape_host
+from maildefer.queue.writer import MaildirWriter, fsync_dir, unlink_quietly
 
 TMP_MAX_AGE = 36 * 3600.0
 """tmp/ files untouched this long are debris of a crashed writer (qmail's maildir(5))."""
 
 STATE_DIRS = ("new", "later", "cur")
-
-PUSH_THREADS = 16
-"""Push threads per queue: file fsyncs in flight at once (the disk merges their commits)."""
-
-GROUP_WAIT = 0.01
-"""At most this long a push waits for writes in flight to link before fsyncing new/."""
 
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
@@ -172,86 +165,6 @@ def request_from_file(data: bytes) -> MailRequest:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _GroupCommit:
-    """One directory fsync shared by every push that linked before it began.
-
-    Pushes are numbered as they link (tickets). A push returns only once an fsync of
-    ``new/`` that *started after its link* has finished. One fsync runs at a time; a push
-    that finds none running first waits (briefly) for writes already in progress to
-    link, so that one fsync covers them all instead of each paying its own.
-    """
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._started = 0
-        self._writing: set[int] = set()
-        self._linked = 0
-        self._durable = 0
-        self._syncing = False
-        self._failed_upto = 0
-        self._failure: OSError | None = None
-
-    def begin(self) -> int:
-        with self._cv:
-            self._started += 1
-            self._writing.add(self._started)
-            return self._started
-
-    def end(self, seq: int, *, linked: bool) -> int:
-        """A write is over; returns its link ticket (0 if it did not link)."""
-        with self._cv:
-            self._writing.discard(seq)
-            ticket = 0
-            if linked:
-                self._linked += 1
-                ticket = self._linked
-            self._cv.notify_all()
-            return ticket
-
-    def wait_durable(self, ticket: int, directory: Path) -> None:
-        with self._cv:
-            # Writes that were in flight when we linked: worth waiting for (they are one
-            # file fsync from linking), up to GROUP_WAIT. Later ones go in the next fsync.
-            ahead = self._started
-            deadline = time.monotonic() + GROUP_WAIT
-            while self._durable < ticket:
-                if ticket <= self._failed_upto and self._failure is not None:
-                    raise OSError(self._failure.errno, self._failure.strerror)
-                if self._syncing:
-                    self._cv.wait()
-                    continue
-                left = deadline - time.monotonic()
-                if left > 0 and any(seq <= ahead for seq in self._writing):
-                    self._cv.wait(left)
-                    continue
-                self._syncing = True
-                covers = self._linked
-                self._cv.release()
-                failure: OSError | None = None
-                try:
-                    _fsync_dir(directory)
-                except OSError as exc:
-                    failure = exc
-                finally:
-                    self._cv.acquire()
-                    self._syncing = False
-                    self._cv.notify_all()
-                if failure is not None:
-                    # Every push this fsync was to cover fails: after a failed fsync the
-                    # kernel may report success next time without the data being on disk.
-                    self._failed_upto, self._failure = max(self._failed_upto, covers), failure
-                    raise failure
-                self._durable = max(self._durable, covers)
-
-
 class MaildirQueue:
     """A queue stored as a maildir directory on local (or shared) disk.
 
@@ -290,8 +203,7 @@ class MaildirQueue:
         self._ready = False
         self._new = f"{self.path}/new/"
         self._cur = f"{self.path}/cur/"
-        self._group = _GroupCommit()
-        self._pool: tuple[int, ThreadPoolExecutor] | None = None
+        self._writer = MaildirWriter(self.path, self._names, self.url)
         self._owner_cache: tuple[int, str] | None = None
 
     # -- layout -------------------------------------------------------------------------
@@ -345,79 +257,10 @@ class MaildirQueue:
         """
         raw, envelope = _message_parts(message)
         data = wrap(raw, envelope)
-        # One thread hop per push, and the directory fsync shared in the thread pool:
-        # measured on 2 cores, a second hop to the loop and back per push (to share the
-        # fsync there) cost more CPU than the fsyncs it saved. If the caller is cancelled
-        # meanwhile, the thread still finishes or cleans up, so there is either one whole
-        # message in new/ or none, and never tmp debris.
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor(), self._push_now, data
-        )
-
-    def _executor(self) -> ThreadPoolExecutor:
-        """The push threads: enough to keep many file fsyncs in flight (re-made after fork)."""
-        pid = os.getpid()
-        if self._pool is None or self._pool[0] != pid:
-            if self._pool is not None:
-                # A forked child: the parent's threads (and any lock they held) are gone.
-                self._group = _GroupCommit()
-            pool = ThreadPoolExecutor(PUSH_THREADS, thread_name_prefix="maildefer-push")
-            self._pool = (pid, pool)
-        return self._pool[1]
-
-    def _push_now(self, data: bytes) -> str:
-        """Write, fsync, link into new/, and wait for a new/ fsync that covers the link."""
-        seq = self._group.begin()
-        try:
-            key = self._write_durably(data)
-        except BaseException:
-            self._group.end(seq, linked=False)
-            raise
-        ticket = self._group.end(seq, linked=True)
-        try:
-            self._group.wait_durable(ticket, self.path / "new")
-        except OSError as exc:
-            # The file may be in new/ without its directory entry being durable: take it
-            # out so the sender's retry is the only copy, then report 451.
-            _unlink_quietly(self.path / "new" / key)
-            raise QueueError(f"{self.url}: push failed: {exc.strerror or exc}") from exc
-        return key
-
-    def _write_durably(self, data: bytes) -> str:
-        """Write ``data`` into tmp/, fsync it, link it into new/; return the name."""
         self.ensure()
-        for _ in range(100):
-            key = self._names.next_key()
-            tmp = self.path / "tmp" / key
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise QueueError(f"{self.url}: push failed: {exc.strerror or exc}") from exc
-            try:
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.link(tmp, self.path / "new" / key)
-            except FileExistsError:
-                # The name exists in new/ (a clock step plus a recycled pid): never
-                # overwrite; try again under another name.
-                os.unlink(tmp)
-                continue
-            except OSError as exc:
-                _unlink_quietly(tmp)
-                raise QueueError(f"{self.url}: push failed: {exc.strerror or exc}") from exc
-            except BaseException:
-                _unlink_quietly(tmp)
-                raise
-            _unlink_quietly(tmp)
-            return key
-        raise QueueError(f"{self.url}: push failed: could not find a free name")
+        # The queue's writer thread writes and fsyncs each file and shares one new/
+        # fsync across every push waiting with it (group commit; see writer.py).
+        return await self._writer.write(data)
 
     # -- claiming ------------------------------------------------------------------------
 
@@ -530,9 +373,9 @@ class MaildirQueue:
         name, path = self._claim_path(claim)
         # Not fsync'd: should the unlink be lost in a crash, the message is handled again
         # (at-least-once); paying a directory fsync per ack would halve drain speed.
-        _unlink_quietly(path)
+        unlink_quietly(path)
         if name.attempts:
-            _unlink_quietly(self.path / "errors" / f"{name.key}.json")
+            unlink_quietly(self.path / "errors" / f"{name.key}.json")
 
     async def ack(self, claim: Claim) -> None:
         """The handler succeeded: the message leaves the queue.
@@ -650,8 +493,8 @@ class MaildirQueue:
             finally:
                 os.close(fd)
             os.unlink(path)
-        _fsync_dir(dead.dir("new"))
-        _unlink_quietly(self.path / "errors" / f"{name.key}.json")
+        fsync_dir(dead.dir("new"))
+        unlink_quietly(self.path / "errors" / f"{name.key}.json")
 
     def _write_error(
         self, folder: Path, key: str, error: str, reason: str, attempts: int, *, sync: bool
@@ -772,7 +615,7 @@ class MaildirQueue:
                 except FileNotFoundError:
                     continue
                 if now - max(st.st_mtime, st.st_atime) >= TMP_MAX_AGE:
-                    _unlink_quietly(Path(entry.path))
+                    unlink_quietly(Path(entry.path))
                     removed += 1
         return removed
 
@@ -888,7 +731,7 @@ class MaildirQueue:
                 os.unlink(self.path / where[0] / where[1])
             except FileNotFoundError:
                 return False
-            _unlink_quietly(self.path / "errors" / f"{key}.json")
+            unlink_quietly(self.path / "errors" / f"{key}.json")
             return True
 
         return await asyncio.to_thread(remove)
@@ -934,7 +777,7 @@ class MaildirQueue:
                     removed += 1
                 except FileNotFoundError:
                     continue
-                _unlink_quietly(self.path / "errors" / f"{MaildirName.parse(filename).key}.json")
+                unlink_quietly(self.path / "errors" / f"{MaildirName.parse(filename).key}.json")
             return removed
 
         return await asyncio.to_thread(clear)
@@ -977,27 +820,18 @@ class MaildirQueue:
                 except FileNotFoundError:
                     continue
                 touched.add(target.dir("new"))
-                _unlink_quietly(self.path / "errors" / f"{name.key}.json")
+                unlink_quietly(self.path / "errors" / f"{name.key}.json")
                 moved += 1
             for folder in touched:
-                _fsync_dir(folder)
+                fsync_dir(folder)
             return moved
 
         return await asyncio.to_thread(requeue)
 
     async def close(self) -> None:
-        """Wait for pushes in flight and stop the push threads (made again if needed).
+        """Finish the pushes in flight and stop the writer thread (made again if needed).
 
         Example:
             >>> import asyncio; asyncio.run(MaildirQueue("/tmp/q-doc5").close())
         """
-        pool, self._pool = self._pool, None
-        if pool is not None and pool[0] == os.getpid():
-            await asyncio.to_thread(pool[1].shutdown, True)
-
-
-def _unlink_quietly(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
+        await self._writer.close()
