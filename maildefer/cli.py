@@ -40,6 +40,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("serve", "maildefer.serve_cli", "receive mail over SMTP/LMTP and run the handlers"),
     ("send", "maildefer.send_cli", "send a test message over SMTP (to serve by default)"),
     ("log", "maildefer.log_cli", "an SMTP server that queues every message it gets (dev relay)"),
+    ("gen", "maildefer.gen_cli", "create a new project (the example blog) in a directory"),
 )
 
 
