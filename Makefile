@@ -43,7 +43,7 @@ run: venv
 	$(PY) -m maildefer serve
 
 test: venv system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --doctest-modules maildefer tests
 
 lint: venv
 	$(VENV)/bin/ruff check maildefer tests bench app
