@@ -16,7 +16,9 @@ must store (the bytes sent, un-dot-stuffed) and whether it must accept it (no li
   deliberately never read): compared by sha256 of the content plus the envelope;
 - every acknowledged message is in the queue, byte-exact;
 - the server's open file descriptors went back to their count before the fuzzing;
-- no ``tmp/`` debris, no error-level log line, a clean exit on SIGTERM.
+- no ``tmp/`` debris, no error-level log line, a clean exit on SIGTERM. (One known
+  traceback is tolerated until its fix lands: see
+  ``test_malformed_addresses_get_a_syntax_error_not_451``.)
 
 ``FUZZ_SECONDS`` (default 10) sets the duration, ``FUZZ_SEED`` replays a run: the seed is
 printed at the start and in every failure message. With several concurrent clients the
@@ -44,7 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers.smtp_server import RawClient, make_settings, queued, running, write_handlers
 
+from maildefer.mail import MailRequest
 from maildefer.queue.maildir import request_from_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,11 +148,15 @@ class Ledger:
     failures: list[str] = field(default_factory=list)
 
     contents: dict[str, bytes] = field(default_factory=dict)  # for failure messages
+    history: dict[str, list[str]] = field(default_factory=dict)  # what happened to a DATA
 
     def records(self, content: bytes, mail_from: str, rcpts: list[str]) -> list[Record]:
         digest = hashlib.sha256(content).hexdigest()
         self.contents[digest] = content
         return [(digest, mail_from, tuple(rcpts), rcpt) for rcpt in rcpts]
+
+    def note(self, digest: str, what: str) -> None:
+        self.history.setdefault(digest, []).append(what)
 
     def fail(self, what: str) -> None:
         self.failures.append(f"seed={self.seed}: {what}")
@@ -310,13 +318,15 @@ class Session:
                 text = rng.choice(
                     [b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n", b"\r\n.\r", b".\n", b"\n.", b"\r."]
                 )
-            elif r < 0.78:
+            elif r < 0.74:
                 text = b"L" * rng.choice([997, 998, 999, 1000, 1500])  # around the line limit
-            elif r < 0.8:
+            elif r < 0.75:
                 text = b"B" * rng.randint(10_000, 30_000)  # a big (over-long) line
             else:
                 text = b"Header-" + str(rng.randint(0, 99)).encode() + b": " + rng.randbytes(20)
             parts.append(text + rng.choice([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b""]))
+        if rng.random() < 0.04:
+            parts.append((b"S" * 900 + b"\r\n") * (MAX_MESSAGE // 900 + 1))  # too big: 552
         return b"".join(parts)
 
     # -- actions -------------------------------------------------------------------------------
@@ -346,7 +356,8 @@ class Session:
             await self.line(rng.choice(BAD_ENVELOPE), b"BAD")
             await self.drain()
         elif r < 0.55:
-            await self.line(rng.choice([b"RSET", b"NOOP", b"HELP"]), rng.choice([b"RSET", b""]))
+            word = rng.choice([b"RSET", b"NOOP", b"HELP"])
+            await self.line(word, word)
             await self.drain()
         elif r < 0.75:
             await self.transaction(pipelined=False)
@@ -410,7 +421,14 @@ class Session:
         extra: list[tuple[bytes, bytes, str]] = []
         if final == "complete+pipelined":
             extra = [(b"RSET", b"RSET", ""), (b"NOOP", b"", "")]
-        await self.write(stream + b"".join(t + b"\r\n" for t, _, _ in extra))
+        digest = hashlib.sha256(content).hexdigest()
+        try:
+            await self.write(stream + b"".join(t + b"\r\n" for t, _, _ in extra))
+        except Closed:
+            self.ledger.in_doubt.update(records)
+            self.ledger.note(digest, "closed while sending")
+            raise
+        self.ledger.note(digest, f"{final} from={self.mail_from!r} rcpts={self.rcpts}")
         if final == "abandon-after-terminator":
             # The reply is never read: the server may or may not keep the message.
             self.ledger.in_doubt.update(records)
@@ -421,8 +439,10 @@ class Session:
             code, text = await self.reply()
         except Closed:
             self.ledger.in_doubt.update(records)
+            self.ledger.note(digest, "closed before the reply")
             self.ledger.stats["closed before DATA reply"] += 1
             raise
+        self.ledger.note(digest, f"reply {text[:40]!r}")
         self.mail_from, self.rcpts = None, []
         if code == 250:
             if not acceptable:
@@ -560,23 +580,22 @@ def settle_fds(serve: Serve, baseline: list[str], within: float = 10.0) -> list[
         time.sleep(0.05)
 
 
+def record_of(m: MailRequest) -> Record:
+    return hashlib.sha256(m.raw).hexdigest(), m.mail_from, tuple(m.rcpt_tos), m.rcpt_to
+
+
 def stored(queue: Path) -> Counter[Record]:
-    out: Counter[Record] = Counter()
-    for path in (queue / "new").iterdir():
-        m = request_from_file(path.read_bytes())
-        digest = hashlib.sha256(m.raw).hexdigest()
-        out[(digest, m.mail_from, tuple(m.rcpt_tos), m.rcpt_to)] += 1
-    return out
+    return Counter(record_of(request_from_file(p.read_bytes())) for p in (queue / "new").iterdir())
 
 
 def explain(record: Record, got: Counter[Record], ledger: Ledger, queue: Path) -> str:
     """A missing record, and what the queue holds for the same envelope instead."""
     sent = ledger.contents.get(record[0], b"?")
     same = [r for r in got if r[1:] == record[1:]]
-    text = f"{record[1:]} sent {sent[:300]!r}"
+    text = f"{record[1:]} sent {sent[:300]!r} {ledger.history.get(record[0])}"
     for path in (queue / "new").iterdir():
         m = request_from_file(path.read_bytes())
-        if (hashlib.sha256(m.raw).hexdigest(), m.mail_from, tuple(m.rcpt_tos), m.rcpt_to) in same:
+        if record_of(m) in same:
             text += f"; stored {m.raw[:300]!r}"
     return text
 
@@ -620,6 +639,7 @@ def test_fuzz_serve(serve: Serve) -> None:
     ledger.acked.update(ledger.records(after_body, "ok@fuzz.org", ["normal@example.com"]))
 
     fds = settle_fds(serve, baseline)
+    print(f"seed={seed}: server fds {len(baseline)} before, {len(fds)} after")
     assert len(fds) <= len(baseline), (
         f"seed={seed}: fd leak: {len(baseline)} -> {len(fds)}: "
         f"{sorted((Counter(fds) - Counter(baseline)).elements())[:20]}"
@@ -633,12 +653,76 @@ def test_fuzz_serve(serve: Serve) -> None:
     assert os.listdir(queue / "tmp") == [], f"seed={seed}: tmp/ debris"
     got = stored(queue)
     missing = ledger.acked - got
-    m0 = next(iter(missing)); print("DEBUG", m0, [r for r in got if r[0] == m0[0]], [r for r in got if set(r[2]) & set(m0[2])][:3])
     assert not missing, f"seed={seed}: {sum(missing.values())} acknowledged messages not " + (
         f"stored, e.g. {explain(next(iter(missing)), got, ledger, queue)}"
     )
     unacked = got - ledger.acked - ledger.in_doubt
-    assert not unacked, f"seed={seed}: stored without a 250: {list(unacked)[:5]}"
+    assert not unacked, f"seed={seed}: stored without a 250: " + "; ".join(
+        f"{r[1:]} {ledger.history.get(r[0])}" for r in list(unacked)[:5]
+    )
     assert ledger.stats["250 after DATA"] >= 10, f"seed={seed}: too few deliveries to mean much"
     errors = [line for line in serve.log_lines() if line.get("level") in ("error", "critical")]
     assert not errors, f"seed={seed}: {errors[:3]}"
+
+
+# -- regressions found by the fuzzer --------------------------------------------------------
+
+
+async def test_vrfy_with_8bit_argument_gets_502_not_451(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiosmtpd echoes VRFY's argument; with SMTPUTF8 on, 8-bit bytes arrive surrogate-escaped
+    # and a strict UTF-8 encode of the reply raised: 451 plus a traceback in the log.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    async with running(make_settings(tmp_path, write_handlers(tmp_path))) as server:
+        client = await RawClient.connect(server.port)
+        code, text = await client.cmd(b"VRFY a@b@\xc0\xff")
+        assert code == 502, text
+        assert (await client.cmd("NOOP"))[0] == 250
+        await client.close()
+
+
+async def test_null_sender_is_empty_and_the_example_app_does_not_answer_a_bounce(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiosmtpd keeps "MAIL FROM:<>" as the string "<>": handlers saw a truthy sender, and the
+    # example's posting handler queued an auto-reply to "<>" for every bounce (RFC 3834).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    bounce = b"From: MAILER-DAEMON@writers.org\r\nSubject: Undelivered\r\n\r\nbounce\r\n"
+    async with running(make_settings(tmp_path, "app.handlers.posting")) as server:
+        client = await RawClient.connect(server.port)
+        await client.cmd("EHLO c")
+        code, text = await client.transaction("", ["my-post@example.com"], bounce + b".\r\n")
+        assert code == 250, text
+        await client.close()
+    [post] = queued(tmp_path / "run" / "posts")
+    assert post.mail_from == ""
+    assert queued(tmp_path / "run" / "outbox") == []
+
+
+PARSER_CRASHES = [b"<", b"<x@", b"<a @", b"\x00 @[", b"\x00@ [ "]
+"""Arguments on which the stdlib address parser that aiosmtpd's ``_getaddr`` calls raises
+(IndexError, AttributeError, UnboundLocalError) instead of ``HeaderParseError``."""
+
+
+async def test_malformed_addresses_get_a_syntax_error_not_451(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    settings = make_settings(tmp_path, write_handlers(tmp_path), max_bad_commands=100)
+    async with running(settings) as server:
+        client = await RawClient.connect(server.port)
+        assert (await client.cmd("EHLO c"))[0] == 250
+        codes = []
+        for arg in PARSER_CRASHES:
+            codes.append((await client.cmd(b"VRFY " + arg))[0])
+            codes.append((await client.cmd(b"MAIL FROM:" + arg))[0])
+        assert (await client.cmd("MAIL FROM:<a@b.org>"))[0] == 250
+        for arg in PARSER_CRASHES:
+            codes.append((await client.cmd(b"RCPT TO:" + arg))[0])
+        await client.close()
+    # A syntax error is permanent (501/502/553); a 451 makes a real MTA retry it for days.
+    assert all(500 <= code < 600 for code in codes), codes
