@@ -8,8 +8,10 @@ omitted). Only this entry point does so; :class:`~maildefer.server.Server` itsel
 changes process state, so tests run it in-process.
 
 Under systemd, sockets passed by socket activation (``LISTEN_FDS``) are served instead
-of binding ``host:port``, and ``READY=1`` / ``STOPPING=1`` are sent when there is a
-notify socket.
+of binding ``host:port``; with a notify socket, ``READY=1`` is sent once they accept,
+``WATCHDOG=1`` pings and ``STATUS=`` lines (sessions, messages accepted and refused) while
+serving, and ``STOPPING=1`` as soon as shutdown begins. Messages are counted for
+Prometheus; ``[metrics] port`` serves the counts (off by default).
 
 Exit status: 0 after SIGTERM/SIGINT; 2 for bad settings or a handler module that does not
 load (one line on stderr, nothing bound); 1 when the address cannot be bound (logged).
@@ -28,6 +30,7 @@ import sys
 
 import structlog
 
+from maildefer.metrics import Metrics
 from maildefer.server import Server
 from maildefer.settings import Settings
 from maildefer.systemd import Notifier, listen_fds
@@ -83,9 +86,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     os.chdir(root)
     if root not in sys.path:
         sys.path.insert(0, root)
-    notifier = Notifier.from_environ(unset=True)
-    server = Server(settings, sockets=listen_fds())
-    server.on_ready = lambda: notifier.ready(f"listening on port {server.port}")
+    # The counters also feed STATUS=, so they exist even when no endpoint serves them.
+    server = Server(
+        settings,
+        sockets=listen_fds(),
+        metrics=Metrics(),
+        notifier=Notifier.from_environ(unset=True),
+    )
     try:
         server.run()
     except OSError as exc:
@@ -96,6 +103,4 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             error=exc.strerror or str(exc),
         )
         return 1
-    finally:
-        notifier.stopping()
     return 0

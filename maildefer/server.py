@@ -14,7 +14,13 @@ Order of things (DESIGN.md decision 5):
 2. A :class:`~maildefer.queue.QueueRegistry` is active in the context the listener was
    created in, so every session and handler task inherits it: handlers'
    ``Queue("run/posts")`` share one backend and its group-committed directory fsync.
-3. SIGTERM or SIGINT only sets an event. ``shutdown`` then closes the listener (new
+3. Under systemd (a :class:`~maildefer.systemd.Notifier` given): ``READY=1`` once the
+   sockets accept, ``WATCHDOG=1`` pings from the event loop and ``STATUS=`` lines with
+   live counts while serving, ``STOPPING=1`` as soon as shutdown begins. With a
+   :class:`~maildefer.metrics.Metrics` given, sessions count messages and refusals, the
+   queue depth of every maildir ``[queues.*]`` is reported, and ``[metrics] port`` (if
+   set) serves them from this loop until shutdown is over.
+4. SIGTERM or SIGINT only sets an event. ``shutdown`` then closes the listener (new
    connections are refused), says ``421`` to idle sessions, lets sessions in DATA or in
    their handlers finish within ``grace_period`` (their client gets its 250), closes the
    rest (their handlers are cancelled; pushes are cancellation-safe, and the client,
@@ -49,19 +55,42 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
 from maildefer.errors import ConfigError, RoutingError
 from maildefer.queue import QueueRegistry
+from maildefer.queue.maildir import MaildirQueue
 from maildefer.settings import Settings
 from maildefer.smtp import Recipients, SessionTracker, smtp_factory
+from maildefer.systemd import Notifier, run_status, run_watchdog
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from maildefer.metrics import Metrics
 
 log = structlog.get_logger("maildefer.server")
 
 _ABORT_WAIT = 5.0
 """Seconds to let cancelled sessions unwind after the grace period (their handlers'
 cleanup, a push finishing its fsync) before the queues are closed under them."""
+
+STATUS_INTERVAL = 5.0
+"""Seconds between ``STATUS=`` updates (sent only when the text changed)."""
+
+
+def _total(counter: Counter) -> int:
+    """A counter's value summed over its labels (only this counter is collected)."""
+    return int(
+        sum(
+            sample.value
+            for family in counter.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        )
+    )
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -97,6 +126,10 @@ class Server:
         sockets: already-bound listening sockets (systemd socket activation) to serve
             on instead of binding ``host:port``.
         per_recipient: deliver once per recipient (a router) or once per message.
+        metrics: count messages, refusals, handler time and queue depth; its endpoint
+            is served while serving when ``[metrics] port`` is set.
+        notifier: the service manager to tell about readiness, liveness and shutdown
+            (``sd_notify``); nothing is sent without one.
 
     Example:
         >>> Server(Settings()).port is None
@@ -110,9 +143,13 @@ class Server:
         recipients: Recipients | None = None,
         sockets: Sequence[socket.socket] | None = None,
         per_recipient: bool = True,
+        metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
         self.recipients = recipients
+        self.metrics = metrics
+        self.notifier = notifier
         self.registry = QueueRegistry(undeliverable=settings.resolve(settings.undeliverable.path))
         server = settings.server
         self.tracker = SessionTracker(
@@ -128,6 +165,7 @@ class Server:
         self._stop: asyncio.Event | None = None
         self._force = False
         self._started = 0.0
+        self._stopping = False
 
     @property
     def port(self) -> int | None:
@@ -138,6 +176,21 @@ class Server:
                 if isinstance(name, tuple):
                     return int(name[1])
         return None
+
+    def describe(self) -> str:
+        """The ``STATUS=`` line: live sessions and, with metrics, message counts.
+
+        Example:
+            >>> Server(Settings()).describe()
+            '0 sessions'
+        """
+        text = f"{self.tracker.count} sessions"
+        if self.metrics is not None:
+            text += (
+                f", {_total(self.metrics.accepted)} accepted,"
+                f" {_total(self.metrics.refused)} refused"
+            )
+        return text
 
     def _build_recipients(self) -> Recipients:
         # Imported here: routing imports the handler modules' dependencies, and a server
@@ -179,6 +232,7 @@ class Server:
             self.tracker,
             tls_context=context,
             per_recipient=self._per_recipient,
+            metrics=self.metrics,
         )
         # The listener is created in a private context holding the active registry:
         # every accepted session and every handler task copies it from there.
@@ -207,6 +261,14 @@ class Server:
         except BaseException:
             await self._release()
             raise
+        try:
+            await self._start_metrics()
+        except BaseException:
+            for listener in self._listeners:
+                listener.close()
+            self._listeners = []
+            await self._release()
+            raise
         self._started = time.monotonic()
         log.info(
             "listening",
@@ -215,6 +277,25 @@ class Server:
             lmtp=server.lmtp,
             starttls=context is not None,
         )
+
+    async def _start_metrics(self) -> None:
+        """Report every maildir queue's depth; serve the endpoint if a port is set."""
+        if self.metrics is None:
+            return
+        for name, queue in self.settings.queues.items():
+            if "://" not in queue.path:  # a broker's depth is the broker's to report
+                self.metrics.track_queue(name, MaildirQueue(self.settings.resolve(queue.path)))
+        endpoint = self.settings.metrics
+        if endpoint.port is None:
+            return
+        try:
+            port = await self.metrics.start_http(endpoint.host, endpoint.port)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"metrics endpoint {endpoint.host}:{endpoint.port}: {exc.strerror or exc}",
+            ) from exc
+        log.info("metrics_listening", host=endpoint.host, port=port)
 
     def request_shutdown(self, *, force: bool = False) -> None:
         """Ask :meth:`serve` to shut down (what SIGTERM and SIGINT do).
@@ -261,12 +342,29 @@ class Server:
         self._stop = asyncio.Event()
         with self._signals():
             await self.start()
+            helpers: list[asyncio.Task[None]] = []
             try:
                 if self.on_ready is not None:
                     self.on_ready()
+                if self.notifier is not None:
+                    # After start(): the sockets accept, so READY=1 is the truth.
+                    self.notifier.ready(f"listening on port {self.port}")
+                    helpers = [
+                        asyncio.create_task(run_watchdog(self.notifier)),
+                        asyncio.create_task(
+                            run_status(self.notifier, self.describe, STATUS_INTERVAL)
+                        ),
+                    ]
                 await self._stop.wait()
             finally:
-                await self.shutdown()
+                try:
+                    await self.shutdown()
+                finally:
+                    # The watchdog pings through the drain: a long grace period must
+                    # not look like a hung loop.
+                    for task in helpers:
+                        task.cancel()
+                    await asyncio.gather(*helpers, return_exceptions=True)
 
     async def shutdown(self) -> None:
         """Stop accepting, drain sessions within ``grace_period``, close everything.
@@ -276,6 +374,9 @@ class Server:
         """
         if not self._listeners and self._context is None:
             return
+        if self.notifier is not None and not self._stopping:
+            self._stopping = True
+            self.notifier.stopping(f"stopping: {self.describe()}")
         for listener in self._listeners:
             listener.close()
         self.tracker.begin_shutdown()
@@ -298,7 +399,9 @@ class Server:
         )
 
     async def _release(self) -> None:
-        """Close the queues and the state store; leave the registry's context."""
+        """Close the metrics endpoint, the queues and the state store; leave the context."""
+        if self.metrics is not None:
+            await self.metrics.stop_http()
         await self.registry.close()
         if self._state_close is not None:
             self._state_close()

@@ -45,7 +45,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
 from aiosmtpd.lmtp import LMTP
@@ -55,6 +55,9 @@ from maildefer.errors import RoutingError, SMTPError
 from maildefer.logs import sanitize
 from maildefer.mail import MailRequest
 from maildefer.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from maildefer.metrics import Metrics
 
 log = structlog.get_logger("maildefer.smtp")
 
@@ -184,6 +187,7 @@ class DeliveryPolicy:
         settings: the ``[server]`` limits.
         per_recipient: deliver once per accepted recipient (the router), or once per
             message (the log server).
+        metrics: counts refused recipients and times the handlers (optional).
 
     Example:
         >>> DeliveryPolicy(AcceptAll(), ServerSettings(hostname="h")).per_recipient
@@ -193,6 +197,7 @@ class DeliveryPolicy:
     recipients: Recipients
     settings: ServerSettings
     per_recipient: bool = True
+    metrics: Metrics | None = None
 
     async def handle_EHLO(
         self,
@@ -233,9 +238,13 @@ class DeliveryPolicy:
             '250 2.1.5 Ok'
         """
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            if self.metrics is not None:
+                self.metrics.message_refused(452)
             return "452 4.5.3 Error: too many recipients"
         if not self.recipients.match(address):
             log.info("rcpt_refused", rcpt=sanitize(address))
+            if self.metrics is not None:
+                self.metrics.message_refused(550)
             return f"550 5.1.1 <{sanitize(address)}>: Recipient address rejected"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -259,11 +268,15 @@ class DeliveryPolicy:
         raw: bytes = envelope.original_content or b""
         request = MailRequest(
             raw,
-            mail_from=envelope.mail_from or "",
+            mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",  # null sender
             rcpt_tos=list(envelope.rcpt_tos),
             peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or ""),
         )
-        replies = await self._deliver(request)
+        if self.metrics is None:
+            replies = await self._deliver(request)
+        else:
+            with self.metrics.handling("serve"):
+                replies = await self._deliver(request)
         lmtp = isinstance(server, LMTP)
         if lmtp:
             # RFC 2033 4.2: one reply per accepted RCPT, in RCPT order.
@@ -505,6 +518,9 @@ class SMTPSession(SMTP):
         self._ip = ""
         self._session_id = ""
         self._shutdown_pending = False
+        self._metrics = policy.metrics
+        # 354 sent: the next reply ends this DATA (250, a handler's refusal, 552...).
+        self._awaiting_data_reply = False
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -609,15 +625,28 @@ class SMTPSession(SMTP):
 
     # -- replies and errors -----------------------------------------------------------------
 
+    def _getaddr(self, arg: str) -> tuple[Any, Any]:
+        # The stdlib address parser aiosmtpd calls raises IndexError, AttributeError or
+        # UnboundLocalError on inputs like "<" or "<x@" (found by tests/test_fuzz_smtp.py):
+        # that is a syntax error (553/502), not an internal failure worth a 451.
+        try:
+            return cast(tuple[Any, Any], super()._getaddr(arg))
+        except Exception:
+            return None, None
+
     async def push(self, status: str | bytes) -> None:
         """Send a reply; count errors and hang up after ``max_bad_commands`` of them."""
         if isinstance(status, str):
-            status = _REWRITES.get(status, status)
+            # aiosmtpd echoes client bytes (VRFY's argument, surrogate-escaped 8-bit): a
+            # strict encode would raise and turn a 502 into a 451 with a logged traceback.
+            status = _REWRITES.get(status, status).encode("utf-8", "replace").decode()
             code = status[:3]
             await super().push(status)
         else:
             code = status[:3].decode("ascii", "replace")
             await super().push(status)
+        if self._metrics is not None:
+            self._count_data_reply(status, code)
         if code == "250" and self._phase is _Phase.DATA:
             self._bad = 0  # a message was delivered: the client is not just probing
         elif code in _ERROR_CODES and self.transport is not None:
@@ -626,6 +655,30 @@ class SMTPSession(SMTP):
                 log.warning("too_many_errors", errors=self._bad)
                 await super().push("421 4.7.0 Error: too many errors")
                 self.transport.close()
+
+    def _count_data_reply(self, status: str | bytes, code: str) -> None:
+        """Metrics: received/accepted/refused, from the reply that ends a DATA.
+
+        Counted here rather than in the policy because aiosmtpd itself answers some
+        DATAs (``552`` too much mail, ``500`` line too long), and an internal error's
+        ``451`` comes from :meth:`handle_exception`.
+        """
+        assert self._metrics is not None
+        if code == "354" and self._phase is _Phase.DATA:
+            self._awaiting_data_reply = True
+            return
+        if not self._awaiting_data_reply:
+            return
+        self._awaiting_data_reply = False
+        self._metrics.message_received()
+        if isinstance(status, bytes):
+            status = status.decode("ascii", "replace")
+        # LMTP: one line per recipient; counted once per message, like SMTP's reply.
+        final = combine(status.split("\r\n"))[:3] if "\r\n" in status else code
+        if final.startswith("2"):
+            self._metrics.message_accepted()
+        elif final[:1] in ("4", "5"):
+            self._metrics.message_refused(final)
 
     async def _unknown_command(self, command: str, arg: str | None) -> None:
         log.info("unknown_command", command=sanitize(command, limit=40))
@@ -677,6 +730,7 @@ def smtp_factory(
     *,
     tls_context: ssl.SSLContext | None = None,
     per_recipient: bool = True,
+    metrics: Metrics | None = None,
 ) -> Callable[[], SMTPSession]:
     """The protocol factory for ``loop.create_server``: one session per connection.
 
@@ -686,12 +740,13 @@ def smtp_factory(
         tracker: the listener's session registry (caps, shutdown).
         tls_context: offer STARTTLS with this context.
         per_recipient: deliver once per recipient (the router) or once per message.
+        metrics: where to count messages and refusals and time the handlers.
 
     Example:
         >>> f = smtp_factory(ServerSettings(hostname="h"), AcceptAll(), SessionTracker())
         >>> f.func.__name__
         'SMTPSession'
     """
-    policy = DeliveryPolicy(recipients, settings, per_recipient=per_recipient)
+    policy = DeliveryPolicy(recipients, settings, per_recipient=per_recipient, metrics=metrics)
     cls = LMTPSession if settings.lmtp else SMTPSession
     return partial(cls, policy, tracker, settings=settings, tls_context=tls_context)

@@ -47,6 +47,7 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -57,6 +58,9 @@ from maildefer.queue import QueueBackend, QueueRegistry
 from maildefer.queue.base import Claim
 from maildefer.queue.maildir import MaildirQueue
 from maildefer.queue.maildir_feed import MaildirFeed, WatchFactory
+
+if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
+    from maildefer.metrics import Metrics
 
 Deliver = Callable[[MailRequest], Awaitable[object]]
 """What runs a message: ``Router.deliver`` in the CLI, any coroutine function in tests."""
@@ -100,6 +104,14 @@ class Worker:
         registry: made active while the worker runs, so the handlers'
             ``Queue(...)`` share backends with it.
         watch: the watcher factory for a maildir queue (``watchfiles.awatch``).
+        metrics: where to count pickups, handler runs, retries and burials (none by
+            default: the hot path then pays nothing for them).
+        name: the queue's name in metrics (``[queues.NAME]``); its URL by default.
+
+    Attributes:
+        ready: set once the worker is live: a maildir queue's watcher is armed and the
+            first scan batch is in (a message landing afterwards is picked up at once);
+            for other backends, once recovery is done and claiming starts.
 
     Example:
         >>> from maildefer.queue import MaildirQueue
@@ -120,6 +132,8 @@ class Worker:
         handlers: Sequence[str] = (),
         registry: QueueRegistry | None = None,
         watch: WatchFactory | None = None,
+        metrics: Metrics | None = None,
+        name: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency = {concurrency}: expected at least 1")
@@ -132,6 +146,10 @@ class Worker:
         self.handlers = list(handlers)
         self.registry = registry
         self._watch = watch
+        self.metrics = metrics
+        self.name = name or backend.url
+        self._instruments = None if metrics is None else _Instruments(metrics, self.name)
+        self.ready = asyncio.Event()
         self.stats = WorkerStats()
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
@@ -197,6 +215,10 @@ class Worker:
         self._log = structlog.get_logger("maildefer.worker").bind()
         with context, structlog.contextvars.bound_contextvars(queue=self.backend.url):
             report = await self.backend.recover()
+            if self.metrics is not None and report.quarantined:
+                self.metrics.undeliverable.labels(queue=self.name, reason="poison").inc(
+                    report.quarantined
+                )
             self._log.info(
                 "worker_started",
                 concurrency=self.concurrency,
@@ -237,13 +259,22 @@ class Worker:
     def _claims(self) -> AsyncIterator[Claim]:
         if isinstance(self.backend, MaildirQueue):
             feed = (
-                MaildirFeed(self.backend, burst=self.burst)
+                MaildirFeed(self.backend, burst=self.burst, ready=self.ready)
                 if self._watch is None
-                else MaildirFeed(self.backend, burst=self.burst, watch=self._watch)
+                else MaildirFeed(
+                    self.backend, burst=self.burst, watch=self._watch, ready=self.ready
+                )
             )
             return feed.claims()
         if self.burst:
             raise ConfigError(f"queue {self.backend.url}: --burst needs a maildir queue")
+        # A broker hands a consumer at most `prefetch` unacked messages: as many as we
+        # run at once, so the rest go to other workers (AmqpQueue.set_prefetch).
+        set_prefetch = getattr(self.backend, "set_prefetch", None)
+        if callable(set_prefetch):
+            set_prefetch(self.concurrency)
+        # The consumer registers on the first pull, which follows at once.
+        self.ready.set()
         return self.backend.consume()
 
     async def _pull(self, claims: AsyncIterator[Claim]) -> None:
@@ -311,9 +342,22 @@ class Worker:
             t0 = time.perf_counter()
             outcome, error = "ok", None
             timer = asyncio.timeout(self.handler_timeout)
+            gauges = self._instruments
+            if gauges is not None and claim.attempts == 0 and claim.queued_at is not None:
+                # First attempts only: a retry's key time is its first push, and its
+                # backoff would swamp the push-to-claim latency the histogram shows.
+                gauges.pickup.observe(max(0.0, started - claim.queued_at))
             try:
                 async with timer:
-                    await self.deliver(claim.message)
+                    if gauges is None:
+                        await self.deliver(claim.message)
+                    else:
+                        gauges.in_flight.inc()
+                        try:
+                            await self.deliver(claim.message)
+                        finally:
+                            gauges.in_flight.dec()
+                            gauges.seconds.observe(time.perf_counter() - t0)
             except asyncio.CancelledError:
                 # Only the shutdown cancels a handler (past the grace period).
                 await asyncio.shield(self._finish(claim, "released", None))
@@ -344,13 +388,19 @@ class Worker:
                 stats.failed += 1
                 await self.backend.bury(claim, error or "", "failed")
                 stats.buried += 1
+                if self.metrics is not None:
+                    self.metrics.buried(self.name, "failed")
             else:
                 stats.failed += 1
                 if await self.backend.retry(claim, error or ""):
                     stats.retried += 1
+                    if self.metrics is not None:
+                        self.metrics.retried(self.name)
                 else:
                     stats.buried += 1
                     outcome = "buried"
+                    if self.metrics is not None:
+                        self.metrics.buried(self.name, "failed")
         except Exception as exc:
             # The claim stays in cur/; the next recovery returns it (at-least-once).
             self._log.error("queue_op_failed", outcome=outcome, error=str(exc))
@@ -369,6 +419,20 @@ class Worker:
         else:
             last = error.rstrip().rpartition("\n")[2]
             self._log.warning("message", error=sanitize(last, 300), **fields)
+
+
+class _Instruments:
+    """A worker's metrics, labelled once: ``labels()`` per message costs more than the update.
+
+    What :meth:`Metrics.picked_up <maildefer.metrics.Metrics.picked_up>` and
+    :meth:`Metrics.handling <maildefer.metrics.Metrics.handling>` record, on the same
+    children, for under a third of their cost per message (measured: ~6 against ~22 µs).
+    """
+
+    def __init__(self, metrics: Metrics, queue: str) -> None:
+        self.pickup = metrics.pickup_seconds.labels(queue=queue)
+        self.in_flight = metrics.in_flight.labels(side="worker", queue=queue)
+        self.seconds = metrics.handler_seconds.labels(side="worker", queue=queue)
 
 
 def _error_text(exc: BaseException) -> str:

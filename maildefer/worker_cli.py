@@ -10,8 +10,12 @@ module that does not import); 1 for a failure at run time, logged. A second SIGT
 SIGINT exits at once with status 1; the claims it held are returned by the next
 worker's recovery.
 
-Under systemd (``Type=notify``) the worker reports ``READY=1`` when it starts,
-``STOPPING=1`` on shutdown, and pings the watchdog from its event loop.
+Under systemd (``Type=notify``) the worker reports ``READY=1`` once it is live (a maildir
+queue's watcher armed and its first scan batch in, so a message landing afterwards is
+picked up at once), ``STATUS=`` lines with its counts, ``STOPPING=1`` as soon as a
+shutdown begins, and pings the watchdog from its event loop. With ``[metrics] port`` set
+it serves Prometheus metrics (pickup latency, handler time, retries, burials, in-flight,
+queue depth) on that port.
 
 Example:
     >>> import argparse
@@ -27,16 +31,24 @@ import asyncio
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from maildefer.errors import ConfigError, MaildeferError, RoutingError
 from maildefer.queue import QueueRegistry, queue_options, resolve_queue
+from maildefer.queue.maildir import MaildirQueue
 from maildefer.routing import Router
-from maildefer.settings import Settings
+from maildefer.settings import MetricsSettings, Settings
 from maildefer.state import state_store_for
-from maildefer.systemd import Notifier, run_watchdog
+from maildefer.systemd import Notifier, run_status, run_watchdog
 from maildefer.worker import Worker
+
+if TYPE_CHECKING:
+    from maildefer.metrics import Metrics
+
+STATUS_INTERVAL = 5.0
+"""Seconds between ``STATUS=`` updates (sent only when the text changed)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +107,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(str(exc)) from None
     registry = QueueRegistry(undeliverable=settings.resolve(settings.undeliverable.path))
     backend = registry.get(resolve_queue(settings, args.queue), options=queue_options(queue))
+    name = queue_name(settings, args.queue)
+    metrics: Metrics | None = None
+    if settings.metrics.port is not None:
+        # Imported only when asked for: prometheus-client costs every worker start.
+        from maildefer.metrics import Metrics
+
+        metrics = Metrics()
+        if isinstance(backend, MaildirQueue):
+            metrics.track_queue(name, backend)
     worker = Worker(
         backend,
         router.deliver,
@@ -104,10 +125,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         burst=args.burst,
         handlers=queue.handlers,
         registry=registry,
+        metrics=metrics,
+        name=name,
     )
     log = structlog.get_logger("maildefer.worker")
     try:
-        asyncio.run(_serve(worker, registry))
+        asyncio.run(_serve(worker, registry, metrics, settings.metrics))
     except MaildeferError:
         raise
     except Exception:
@@ -116,9 +139,50 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _serve(worker: Worker, registry: QueueRegistry) -> None:
-    """Run the worker with signal handling, systemd notification and the watchdog."""
+def queue_name(settings: Settings, ref: str) -> str:
+    """The ``[queues.NAME]`` table a ``--queue`` reference names (the label in metrics).
+
+    A path or URL that no table names is its own name.
+
+    Example:
+        >>> s = Settings(queues={"posts": {"path": "run/posts"}})
+        >>> queue_name(s, "posts"), queue_name(s, "run/posts"), queue_name(s, "run/x")
+        ('posts', 'posts', 'run/x')
+    """
+    if ref in settings.queues:
+        return ref
+    target = settings.queue_settings(ref)
+    for name, queue in settings.queues.items():
+        if queue is target:
+            return name
+    return ref
+
+
+def describe(worker: Worker) -> str:
+    """The worker's ``STATUS=`` line.
+
+    Example:
+        >>> from maildefer.queue import MaildirQueue
+        >>> async def deliver(message): ...
+        >>> describe(Worker(MaildirQueue("/tmp/q-worker-doc"), deliver, name="posts"))
+        'posts: 0 handled, 0 in flight, 0 retried, 0 buried'
+    """
+    stats = worker.stats
+    return (
+        f"{worker.name}: {stats.handled} handled, {len(worker.in_flight())} in flight, "
+        f"{stats.retried} retried, {stats.buried} buried"
+    )
+
+
+async def _serve(
+    worker: Worker,
+    registry: QueueRegistry,
+    metrics: Metrics | None = None,
+    endpoint: MetricsSettings | None = None,
+) -> None:
+    """Run the worker with signals, systemd notification, the watchdog and metrics."""
     loop = asyncio.get_running_loop()
+    log = structlog.get_logger("maildefer.worker")
     notifier = Notifier.from_environ(unset=True)
     force = asyncio.Event()
 
@@ -127,6 +191,8 @@ async def _serve(worker: Worker, registry: QueueRegistry) -> None:
         if worker.stopping:
             force.set()
         else:
+            # STOPPING=1 now, while in-flight handlers drain, not once they are done.
+            notifier.stopping(f"stopping: {describe(worker)}")
             worker.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -143,14 +209,30 @@ async def _serve(worker: Worker, registry: QueueRegistry) -> None:
 
     forced = loop.create_task(exit_at_once())
     watchdog = loop.create_task(run_watchdog(notifier))
-    notifier.ready(f"worker on {worker.backend.url}")
+    helpers: list[asyncio.Task[Any]] = [forced, watchdog]
     try:
-        await worker.run()
+        if metrics is not None and endpoint is not None and endpoint.port is not None:
+            port = await metrics.start_http(endpoint.host, endpoint.port)
+            log.info("metrics_listening", host=endpoint.host, port=port)
+        run = loop.create_task(worker.run())
+        live = loop.create_task(worker.ready.wait())
+        helpers.append(live)
+        # READY=1 only once the worker is live; a worker that fails first never says it.
+        await asyncio.wait([run, live], return_when=asyncio.FIRST_COMPLETED)
+        if worker.ready.is_set() and not worker.stopping:
+            notifier.ready(describe(worker))
+            helpers.append(
+                loop.create_task(run_status(notifier, lambda: describe(worker), STATUS_INTERVAL))
+            )
+        await run
     finally:
-        notifier.stopping()
-        for task in (forced, watchdog):
+        if not worker.stopping:
+            notifier.stopping(describe(worker))  # a burst that finished, or a failure
+        for task in helpers:
             task.cancel()
-        await asyncio.gather(forced, watchdog, return_exceptions=True)
+        await asyncio.gather(*helpers, return_exceptions=True)
+        if metrics is not None:
+            await metrics.stop_http()
         await registry.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from maildefer.queue.maildir import request_from_file
 ROOT = Path(__file__).resolve().parent.parent
 MSG = b"From: a@b.org\r\nTo: post@example.com\r\nSubject: hi\r\n\r\nbody\r\n"
 
-# The local part decides: "slow" marks that it started, then takes a while.
+# The local part decides: "slow" marks that it started, then takes a while; "fail" raises.
 HANDLERS = """
 import asyncio
 from pathlib import Path
@@ -35,7 +36,9 @@ async def START(message, name, host):
     if name == "slow":
         Path("run").mkdir(exist_ok=True)
         Path("run/slow-started").write_text("x")
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.5)
+    if name == "fail":
+        raise RuntimeError("failing on purpose")
     await Queue("run/posts").push(message)
 """
 
@@ -173,6 +176,8 @@ def serve(root: Path, config: Path, **env: str) -> Serve:
 
 def queued(root: Path) -> list[bytes]:
     new = root / "run" / "posts" / "new"
+    if not new.exists():
+        return []
     return [request_from_file(p.read_bytes()).raw for p in sorted(new.iterdir())]
 
 
@@ -180,7 +185,8 @@ def test_serve_notifies_ready_watchdog_status_and_stopping(tmp_path: Path, notif
     config = make_project(tmp_path)
     # No WATCHDOG_PID: per sd_watchdog_enabled(3) the watchdog is then ours.
     server = serve(tmp_path, config, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="200000")
-    try:
+    with contextlib.ExitStack() as closing:
+        closing.callback(server.kill)
         ready = notify.wait("READY=1")
         # READY=1 carries the port, and at that moment the port already accepts.
         port = int(ready.rsplit("listening on port ", 1)[1].split()[0])
@@ -194,6 +200,7 @@ def test_serve_notifies_ready_watchdog_status_and_stopping(tmp_path: Path, notif
         # A session in its handler when SIGTERM comes: STOPPING=1 is sent at once,
         # before the drain that lets this client get its 250.
         client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+        closing.callback(client.close)
         client.ehlo("c")
         client.mail("a@b.org")
         assert client.rcpt("slow@example.com")[0] == 250
@@ -207,14 +214,11 @@ def test_serve_notifies_ready_watchdog_status_and_stopping(tmp_path: Path, notif
         pings = len([f for f in notify.fields if f.startswith("WATCHDOG=1")])
         notify.wait("WATCHDOG=1", count=pings + 1, timeout=5)  # still pinging in the drain
         assert client.getreply()[0] == 250
-        client.close()
         assert server.proc.wait(timeout=30) == 0
         assert "stopping" in stopping
         assert queued(tmp_path) == [MSG]
         order = [f.split("\n", 1)[0].split("=", 1)[0] for f in notify.fields]
         assert order.index("READY") < order.index("STOPPING")
-    finally:
-        server.kill()
 
 
 def _free_port() -> int:
@@ -301,13 +305,17 @@ def test_serve_metrics_endpoint_counts_messages_and_refusals(tmp_path: Path) -> 
             code, _ = client.rcpt("someone@elsewhere.org")  # no route matches
             assert code == 550
             client.rset()
+            with pytest.raises(smtplib.SMTPDataError) as failed:
+                client.sendmail("a@b.org", ["fail@example.com"], MSG)
+            assert failed.value.smtp_code == 451
 
         after = scrape(metrics_port)
-        assert value(after, "maildefer_messages_received_total") == 2
+        assert value(after, "maildefer_messages_received_total") == 3
         assert value(after, "maildefer_messages_accepted_total") == 2
         assert value(after, "maildefer_messages_refused_total", code="550") == 1
+        assert value(after, "maildefer_messages_refused_total", code="451") == 1
         handler = {"side": "serve", "queue": ""}
-        assert value(after, "maildefer_handler_duration_seconds_count", **handler) == 2
+        assert value(after, "maildefer_handler_duration_seconds_count", **handler) == 3
         assert value(after, "maildefer_handler_duration_seconds_sum", **handler) > 0
         assert value(after, "maildefer_in_flight", **handler) == 0
         # The handlers' pushes show in the depth of [queues.posts], counted at scrape.
