@@ -154,6 +154,9 @@ class Worker:
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._running: dict[asyncio.Task[None], Claim] = {}
+        self._releasing: dict[asyncio.Task[None], Claim] = {}
+        # Seconds before a claim whose ack/retry/bury failed goes back to new/.
+        self.release_delay = 5.0
         self._log = structlog.get_logger("maildefer.worker")
 
     @property
@@ -249,6 +252,7 @@ class Worker:
                 if heartbeat is not None:
                     await _cancel(heartbeat)
                 await self._drain(grace=0.0)
+                await self._release_now()
                 await _aclose(claims)
                 self._log.info("worker_stopped", **asdict(self.stats))
         failure = _failure(pull)
@@ -402,9 +406,39 @@ class Worker:
                     if self.metrics is not None:
                         self.metrics.buried(self.name, "failed")
         except Exception as exc:
-            # The claim stays in cur/; the next recovery returns it (at-least-once).
             self._log.error("queue_op_failed", outcome=outcome, error=str(exc))
+            if outcome != "released":
+                self._release_later(claim)
         return outcome
+
+    def _release_later(self, claim: Claim) -> None:
+        """Give back a claim whose ack/retry/bury failed, after a pause.
+
+        Recovery skips the claims of a live worker, so without this the message would wait
+        in cur/ for this worker's restart. The pause keeps a queue operation that keeps
+        failing (a full undeliverable disk) from turning into a tight claim-fail loop.
+        """
+
+        async def release() -> None:
+            await asyncio.sleep(self.release_delay)
+            try:
+                await self.backend.release(claim)
+            except Exception as exc:
+                # Still in cur/: the next start's recovery returns it (at-least-once).
+                self._log.error("release_failed", error=str(exc))
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._releasing[task] = claim
+        task.add_done_callback(lambda done: self._releasing.pop(done, None))
+
+    async def _release_now(self) -> None:
+        """At shutdown: give back at once the claims still waiting out their pause."""
+        for task, claim in list(self._releasing.items()):
+            await _cancel(task)
+            try:
+                await self.backend.release(claim)
+            except Exception as exc:
+                self._log.error("release_failed", error=str(exc))
 
     def _line(self, outcome: str, t0: float, latency: float | None, error: str | None) -> None:
         """The canonical log line of one message."""

@@ -19,7 +19,7 @@ import structlog
 from watchfiles import Change, awatch
 
 from maildefer import logs
-from maildefer.errors import NoRouteError
+from maildefer.errors import NoRouteError, QueueError
 from maildefer.mail import MailRequest
 from maildefer.queue import MaildirQueue, QueueOptions, QueueRegistry
 from maildefer.queue.envelope import Envelope, wrap
@@ -441,3 +441,31 @@ async def test_shared_fs_heartbeat_renews_in_flight_leases(tmp_path: Path) -> No
     gate.set()
     worker.stop()
     assert (await run).handled == 1
+
+
+async def test_a_claim_whose_bury_failed_goes_back_to_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opts = QueueOptions(max_attempts=1)
+    q = MaildirQueue(tmp_path / "q", options=opts, undeliverable=tmp_path / "dead")
+    key = await q.push(message(1))
+    calls: list[int] = []
+
+    async def failing_bury(*args: object) -> None:
+        calls.append(1)
+        raise QueueError("undeliverable disk full")
+
+    monkeypatch.setattr(q, "bury", failing_bury)
+    monkeypatch.setattr(q, "retry", lambda claim, error: q.bury(claim, error, "failed"))
+
+    async def deliver(m: MailRequest) -> None:
+        raise ValueError("handler exploded")
+
+    worker = Worker(q, deliver)
+    worker.release_delay = 0.1
+    run = asyncio.create_task(worker.run())
+    await until(lambda: len(calls) >= 2)  # given back to new/, claimed and failed again
+    worker.stop()
+    await run
+    # Whatever happened last, the message is back in new/, not stranded in cur/.
+    assert q.locate(key) is not None and q.locate(key)[0] == "new"  # type: ignore[index]
