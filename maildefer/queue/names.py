@@ -28,6 +28,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 def escape_host(host: str) -> str:
@@ -77,8 +78,24 @@ class MaildirName:
             parsed.append((name, value if eq else None))
         return cls(key, tuple(parsed), sep + info)
 
-    @property
-    def filename(self) -> str:
+    @classmethod
+    def claimed(cls, key: str, owner: str) -> MaildirName:
+        """A fresh key (no fields) claimed by ``owner``: the name ``key,W=owner``.
+
+        The claim path's shortcut for ``parse(key).with_fields(W=owner)``, with the
+        file name made once (it is joined again at ack).
+
+        Example:
+            >>> n = MaildirName.claimed("k", "h~1~2")
+            >>> n == MaildirName.parse("k").with_fields(W="h~1~2"), n.filename
+            (True, 'k,W=h~1~2')
+        """
+        name = cls(key, (("W", owner),))
+        name.__dict__["filename"] = f"{key},W={owner}"  # the cached_property's slot
+        return name
+
+    @cached_property
+    def filename(self) -> str:  # cached: a claim's name is joined again at ack
         """The file name this parses from (fields in their order).
 
         Example:
