@@ -100,9 +100,10 @@ class Cluster:
         self.serve = self._spawn("serve")
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), smtplib.SMTP(
-                "127.0.0.1", self.project.port, timeout=2
-            ) as s:
+            with (
+                contextlib.suppress(OSError),
+                smtplib.SMTP("127.0.0.1", self.project.port, timeout=2) as s,
+            ):
                 s.noop()
                 return
             if self.serve.poll() is not None:
@@ -267,9 +268,7 @@ def run_chaos(project: ChaosProject, profile: Profile, seed: int) -> Result:
         cluster.stop()
     # What the next worker start would do: return dead claims, drop dead writers' tmp/ files.
     MaildirQueue(project.work, undeliverable=project.undeliverable).recover_now()
-    handled_lines = (
-        project.handled_log.read_text().split() if project.handled_log.exists() else []
-    )
+    handled_lines = project.handled_log.read_text().split() if project.handled_log.exists() else []
     handled = Counter(int(x) for x in handled_lines)
     dead = {s for p in queue_files(project.undeliverable, ("new", "cur")) if (s := seq_of(p))}
     lost = sorted(client.acked - set(handled) - dead)

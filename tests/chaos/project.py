@@ -12,7 +12,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-INGEST = '''
+INGEST = """
 from maildefer import Queue, route, stateless
 
 
@@ -20,9 +20,9 @@ from maildefer import Queue, route, stateless
 @stateless
 async def START(message, user, host):
     await Queue("run/work").push(message)
-'''
+"""
 
-RECORD = '''
+RECORD = """
 import asyncio
 import os
 import random
@@ -52,7 +52,7 @@ async def START(message, user, host):
         os.fsync(fd)
     finally:
         os.close(fd)
-'''
+"""
 
 
 def free_port() -> int:
