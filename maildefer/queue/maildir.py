@@ -521,12 +521,21 @@ class MaildirQueue:
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise QueueError(f"{self.url}: cannot bury {name.key}: {exc}") from exc
-            shutil.copyfile(path, target)
-            fd = os.open(target, os.O_RDONLY)
+            # Another filesystem: copy through tmp/ like any delivery, so a full disk
+            # leaves no partial copy in new/; the original goes only once the copy is in.
+            staged = dead.dir("tmp") / target.name
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                shutil.copyfile(path, staged)
+                fd = os.open(staged, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.link(staged, target)
+            except OSError as copy_exc:
+                unlink_quietly(staged)
+                raise QueueError(f"{self.url}: cannot bury {name.key}: {copy_exc}") from copy_exc
+            unlink_quietly(staged)
             os.unlink(path)
         fsync_dir(dead.dir("new"))
         unlink_quietly(self.path / "errors" / f"{name.key}.json")
@@ -546,12 +555,18 @@ class MaildirQueue:
         tmp = folder / f".{key}.json.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, data)
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, folder / f"{key}.json")
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, folder / f"{key}.json")
+        except BaseException:
+            unlink_quietly(tmp)  # a failed record leaves no debris behind
+            raise
 
     # -- retries and recovery -------------------------------------------------------------
 
