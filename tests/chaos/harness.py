@@ -184,9 +184,14 @@ class Client:
             t.join()
 
 
-def fault_loop(cluster: Cluster, rng: random.Random, stop: threading.Event) -> Counter[str]:
-    """Kill and restart processes at random moments until ``stop`` is set."""
-    kills: Counter[str] = Counter()
+def fault_loop(
+    cluster: Cluster, rng: random.Random, stop: threading.Event, kills: Counter[str]
+) -> None:
+    """Kill and restart processes at random moments until ``stop`` is set.
+
+    ``kills`` is counted as it goes: the main thread watches it to know when enough
+    faults have happened.
+    """
     lo, hi = cluster.profile.fault_interval
     while not stop.wait(rng.uniform(lo, hi)):
         action = rng.choice(["kill-serve", "kill-worker", "kill-worker", "term-worker"])
@@ -211,7 +216,6 @@ def fault_loop(cluster: Cluster, rng: random.Random, stop: threading.Event) -> C
                 proc.wait()
             kills[action] += 1
             cluster.start_worker(index)
-    return kills
 
 
 def queue_files(path: Path, subdirs: tuple[str, ...]) -> list[Path]:
@@ -237,14 +241,13 @@ def run_chaos(project: ChaosProject, profile: Profile, seed: int) -> Result:
     cluster.start()
     client = Client(project.port, profile)
     stop = threading.Event()
-    kills: Counter[str] = Counter()
+    # Every key present from the start: the fault thread only updates values, so the main
+    # thread can sum them safely meanwhile.
+    kills: Counter[str] = Counter({"kill-serve": 0, "kill-worker": 0, "term-worker": 0})
     started = time.monotonic()
     deadline = started + profile.deadline
 
-    def faults() -> None:
-        kills.update(fault_loop(cluster, rng, stop))
-
-    fault_thread = threading.Thread(target=faults)
+    fault_thread = threading.Thread(target=fault_loop, args=(cluster, rng, stop, kills))
     fault_thread.start()
     try:
         client.run(deadline)

@@ -24,6 +24,7 @@ async def START(message, user, host):
 
 RECORD = """
 import asyncio
+import itertools
 import os
 import random
 
@@ -32,14 +33,16 @@ from maildefer import route, stateless
 FAIL_RATE = float(os.environ.get("CHAOS_FAIL_RATE", "0"))
 HANG_RATE = float(os.environ.get("CHAOS_HANG_RATE", "0"))
 SEED = os.environ.get("CHAOS_SEED", "0")
+CALLS = itertools.count()
 
 
 @route("(user)@(host)")
 @stateless
 async def START(message, user, host):
     seq = message["X-Chaos-Seq"]
-    # Each process draws its own faults; the seed keeps a replay close to the original.
-    rng = random.Random(f"{SEED}:{seq}:{os.getpid()}")
+    # A new draw for every call (a retry must not repeat its failure); the seed keeps a
+    # replay close to the original.
+    rng = random.Random(f"{SEED}:{seq}:{os.getpid()}:{next(CALLS)}")
     draw = rng.random()
     if draw < HANG_RATE:
         await asyncio.sleep(3600)
