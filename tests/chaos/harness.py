@@ -42,7 +42,7 @@ class Profile:
 
 
 SHORT = Profile(messages=300, min_kills=12, fault_interval=(0.5, 1.2))
-LONG = Profile(messages=5000, min_kills=60, sessions=8, deadline=900.0)
+LONG = Profile(messages=5000, min_kills=60, sessions=8, deadline=600.0)
 
 
 @dataclass

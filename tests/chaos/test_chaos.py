@@ -18,7 +18,7 @@ from tests.chaos.project import make_project
 pytestmark = pytest.mark.chaos
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_nothing_acknowledged_is_lost_under_kills(tmp_path: Path) -> None:
     profile = LONG if os.environ.get("CHAOS_PROFILE") == "long" else SHORT
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1 << 31))
