@@ -11,7 +11,9 @@ Three servers, each in its own process on 127.0.0.1, measured in the same run:
 Driven by Postfix's ``smtp-source`` (``-s 10 -m 5000 -l 4096``, with ``-d``: kept
 connections, and without: one connection per message). Without ``/usr/sbin/smtp-source``
 (Debian package ``postfix``) an asyncio client does the same and says so on stderr.
-This script installs nothing.
+Postfix's ``smtp-sink`` (same package; it answers and discards, in C) driven the same way
+is the native ceiling: one more figure, with maildefer's ratio to it. This script
+installs nothing.
 
 Usage: ``python bench/bench_ingest.py [--quick]``; one JSON object per figure on stdout.
 """
@@ -34,7 +36,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SINK = "/usr/sbin/smtp-sink"
 SESSIONS = 10
+BASE_NAMES = {"naive": "naive_durable", "sink": "smtp_sink"}
 SIZE = 4096
 
 HANDLER = """
@@ -200,18 +204,48 @@ def drive(port: int, messages: int, keep: bool) -> float:
     return time.perf_counter() - started
 
 
+def _start_sink(port: int) -> subprocess.Popen[bytes]:
+    """Postfix's smtp-sink on 127.0.0.1:port, once it accepts connections."""
+    import pwd
+    import socket
+
+    argv = [SMTP_SINK]
+    if os.geteuid() == 0:  # smtp-sink refuses to run as root without a user to drop to
+        try:
+            user = pwd.getpwnam("postfix").pw_name
+        except KeyError:
+            user = "nobody"
+        argv += ["-u", user]
+    proc = subprocess.Popen([*argv, f"127.0.0.1:{port}", "1000"], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("smtp-sink did not start")
+
+
 def measure(kind: str, messages: int, keep: bool) -> float:
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", kind, "--port", str(port), "--dir", str(workdir)],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    if kind == "sink":
+        proc = _start_sink(port)
+    else:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", kind, "--port", str(port), "--dir", str(workdir)],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
     try:
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != b"READY":
-            raise RuntimeError(f"{kind} server did not start")
+        if kind != "sink":
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != b"READY":
+                raise RuntimeError(f"{kind} server did not start")
         drive(port, min(50, messages), keep)  # warm-up
         seconds = drive(port, messages, keep)
     finally:
@@ -240,7 +274,11 @@ def main() -> None:
         )
     for keep in (True, False):
         mode = "kept" if keep else "reconnect"
-        rates = {kind: measure(kind, messages, keep) for kind in ("bare", "naive", "maildefer")}
+        kinds = ["bare", "naive", "maildefer"]
+        # The native ceiling needs smtp-source too: the asyncio client would be the limit.
+        if client == "smtp-source" and os.path.exists(SMTP_SINK):
+            kinds.insert(0, "sink")
+        rates = {kind: measure(kind, messages, keep) for kind in kinds}
         print(f"{mode}: {json.dumps({k: round(v) for k, v in rates.items()})}", file=sys.stderr)
         figures = [
             (f"bare_{mode}", rates["bare"], None, None),
@@ -248,6 +286,11 @@ def main() -> None:
             (f"maildefer_{mode}_vs_naive", rates["maildefer"], "naive", ">= 1.5x naive durable"),
             (f"maildefer_{mode}_vs_bare", rates["maildefer"], "bare", ">= 0.6x bare"),
         ]
+        if "sink" in rates:
+            figures[:0] = [(f"smtp_sink_{mode}", rates["sink"], None, None)]
+            figures.append(
+                (f"maildefer_{mode}_vs_smtp_sink", rates["maildefer"], "sink", None),
+            )
         for figure, value, base, goal in figures:
             ratio = value / rates[base] if base else None
             print(
@@ -257,9 +300,7 @@ def main() -> None:
                         "figure": figure,
                         "value": round(value, 1),
                         "unit": "msg/s",
-                        "baseline": f"{'naive_durable' if base == 'naive' else base}_{mode}"
-                        if base
-                        else None,
+                        "baseline": f"{BASE_NAMES.get(base, base)}_{mode}" if base else None,
                         "ratio": round(ratio, 3) if ratio is not None else None,
                         "goal": goal,
                         "client": client,

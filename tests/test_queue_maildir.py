@@ -474,6 +474,22 @@ async def test_tmp_debris_older_than_36h_is_removed(tmp_path: Path) -> None:
     assert files(q.dir("tmp")) == ["fresh", "h35"]
 
 
+def test_tmp_files_of_a_dead_writer_on_this_host_go_at_once(tmp_path: Path) -> None:
+    q = MaildirQueue(tmp_path / "q", host="mx.example")
+    q.ensure()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid names nobody now
+    names = {
+        "dead": f"1700000000.M1P{child.pid}Q1R00ff.mx.example",
+        "alive": f"1700000000.M1P{os.getpid()}Q2R00ff.mx.example",
+        "elsewhere": f"1700000000.M1P{child.pid}Q3R00ff.other.example",
+    }
+    for name in names.values():
+        (q.dir("tmp") / name).write_bytes(b"partial")
+    assert q.recover_now().tmp_removed == 1
+    assert files(q.dir("tmp")) == sorted([names["alive"], names["elsewhere"]])
+
+
 # -- O(1): no directory listing per message ----------------------------------------------
 
 

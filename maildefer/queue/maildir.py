@@ -61,6 +61,9 @@ TMP_MAX_AGE = 36 * 3600.0
 
 STATE_DIRS = ("new", "later", "cur")
 
+# The names NameGenerator makes: which process on which host is writing a tmp/ file.
+_TMP_NAME = re.compile(r"\d+\.M\d+P(?P<pid>\d+)Q\d+R[0-9a-f]+\.(?P<host>.+)")
+
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
 _READ_SIZE = 64 * 1024
@@ -657,9 +660,22 @@ class MaildirQueue:
         return await asyncio.get_running_loop().run_in_executor(None, self.recover_now)
 
     def _clean_tmp(self, now: float) -> int:
+        """Delete tmp/ files no writer will finish; returns how many.
+
+        Any file untouched for 36 h goes (qmail's rule, for any program's files). Our own
+        files go at once when the name says they were written on this host by a process
+        that is gone: a push killed mid-write (SIGKILL of serve) never comes back for it.
+        """
         removed = 0
+        me = escape_host(self.host)
         with os.scandir(self.path / "tmp") as it:
             for entry in it:
+                writer = _TMP_NAME.match(entry.name)
+                if writer is not None and writer["host"] == me:
+                    if not os.path.exists(f"/proc/{writer['pid']}"):
+                        unlink_quietly(entry.path)
+                        removed += 1
+                    continue
                 try:
                     st = entry.stat()
                 except FileNotFoundError:
