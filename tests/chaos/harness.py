@@ -249,16 +249,17 @@ def run_chaos(project: ChaosProject, profile: Profile, seed: int) -> Result:
 
     fault_thread = threading.Thread(target=fault_loop, args=(cluster, rng, stop, kills))
     fault_thread.start()
+    # However the run ends (a failure, a test timeout), no process of it outlives it.
     try:
-        client.run(deadline)
-        # Keep shaking until enough faults happened, then quiesce.
-        while sum(kills.values()) < profile.min_kills and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        stop.set()
-        fault_thread.join()
-    # Quiesce: everything up, wait for the queue to empty (retries and recoveries included).
-    try:
+        try:
+            client.run(deadline)
+            # Keep shaking until enough faults happened, then quiesce.
+            while sum(kills.values()) < profile.min_kills and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            fault_thread.join()
+        # Quiesce: everything up, wait for the queue to empty (retries, recoveries).
         for i, p in enumerate(cluster.workers):
             if p is None or p.poll() is not None:
                 cluster.start_worker(i)
