@@ -7,7 +7,8 @@ made in a temp directory: serve's handler pushes each message to the maildir que
 steady rate (default 200 msg/s for 15 s) over several kept SMTP sessions (asyncio, raw
 SMTP: a session stamps ``time.time()`` just before its ``MAIL FROM``). Figures: p50/p99
 of send start -> handler done, p50/p99 of send start -> the 250 after DATA, p99 of how late
-a send started after its slot in the schedule (all sessions busy), and the rate achieved.
+a send started after its slot in the schedule (all sessions busy), the rate achieved, and
+the CPU time serve and the worker used per message.
 The queue is on the real disk (``run/`` of the checkout): every push is fsync'd.
 
 Usage: ``python bench/bench_e2e.py [--quick] [--rate 200] [--seconds 15]``; one JSON object
@@ -141,6 +142,19 @@ class Project:
                 )
             )
 
+    def cpu_seconds(self) -> list[float]:
+        """User + system CPU seconds used so far by each process (worker, serve)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = []
+        for proc in self.procs:
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                out.append(0.0)
+                continue
+            out.append((int(fields[11]) + int(fields[12])) / ticks)
+        return out
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -267,7 +281,8 @@ def main() -> None:
     args = parser.parse_args()
     seconds = args.seconds or (5.0 if args.quick else 15.0)
     Path(args.dir).mkdir(parents=True, exist_ok=True)
-    base = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=args.dir))
+    # Absolute: the processes run in the project and BENCH_RECORD must name the same file.
+    base = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=args.dir)).resolve()
     port = free_port()
     project = Project(base, port)
     try:
@@ -281,6 +296,9 @@ def main() -> None:
         while len(project.records()) < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
         warm = set(project.records())
+        cpu_before = project.cpu_seconds()
+        if not warm:
+            raise SystemExit(f"e2e: the warm-up messages never reached the worker; see {base}")
         note(f"e2e: sending {args.rate:.0f} msg/s for {seconds:.0f} s over {SESSIONS} sessions")
         acked, lag, achieved = asyncio.run(send_steady(port, args.rate, seconds))
         expected = len(warm) + len(acked)
@@ -288,6 +306,7 @@ def main() -> None:
         while len(project.records()) < expected and time.monotonic() < deadline:
             time.sleep(0.05)
         records = {k: v for k, v in project.records().items() if k not in warm}
+        cpu = [b - a for a, b in zip(cpu_before, project.cpu_seconds(), strict=True)]
     finally:
         project.stop()
     if len(records) < len(acked):
@@ -297,6 +316,9 @@ def main() -> None:
     lat = [(done - sent) * 1000 for sent, done in records.items()]
     extra = {"messages": len(lat), "rate": args.rate, "seconds": seconds, "sessions": SESSIONS}
     emit("achieved send rate", achieved, "msg/s", goal=f"{args.rate:.0f} msg/s steady", **extra)
+    # CPU per message shows whether a missed rate is the CPU (2 cores, client included).
+    emit("serve CPU per message", cpu[1] * 1000 / len(acked), "ms", **extra)
+    emit("worker CPU per message", cpu[0] * 1000 / len(acked), "ms", **extra)
     emit("send start after its slot p99", percentile(lag, 99), "ms", **extra)
     for p in (50, 99):
         emit(f"SMTP send start -> 250 p{p}", percentile(acked, p), "ms", **extra)
