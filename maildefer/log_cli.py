@@ -66,14 +66,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         >>> run  # doctest: +ELLIPSIS
         <function run at ...>
     """
-    from pydantic import ValidationError
-
-    from maildefer.errors import ConfigError
-
-    try:
-        settings = with_overrides(settings, args.host, args.port)
-    except ValidationError as exc:
-        raise ConfigError(f"--host/--port: {exc.errors()[0].get('msg', 'invalid')}") from None
+    settings = with_overrides(settings, args.host, args.port)
     server = log_server(settings, args.queue)
     try:
         server.run()

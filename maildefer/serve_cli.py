@@ -29,7 +29,9 @@ import os
 import sys
 
 import structlog
+from pydantic import ValidationError
 
+from maildefer.errors import ConfigError
 from maildefer.metrics import Metrics
 from maildefer.server import Server
 from maildefer.settings import Settings
@@ -51,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def with_overrides(settings: Settings, host: str | None, port: int | None) -> Settings:
     """The settings with ``--host``/``--port`` applied (validated like the file).
 
+    Raises:
+        ConfigError: a value is out of range (one line, exit 2).
+
     Example:
         >>> with_overrides(Settings(), None, 2525).server.port
         2525
@@ -62,7 +67,11 @@ def with_overrides(settings: Settings, host: str | None, port: int | None) -> Se
         changes["port"] = port
     if not changes:
         return settings
-    server = type(settings.server).model_validate({**settings.server.model_dump(), **changes})
+    try:
+        server = type(settings.server).model_validate({**settings.server.model_dump(), **changes})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"--host/--port: {first.get('msg', 'invalid')}") from None
     return settings.model_copy(update={"server": server})
 
 
@@ -73,15 +82,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         >>> run  # doctest: +ELLIPSIS
         <function run at ...>
     """
-    from pydantic import ValidationError
-
-    from maildefer.errors import ConfigError
-
-    try:
-        settings = with_overrides(settings, args.host, args.port)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"--host/--port: {first.get('msg', 'invalid')}") from None
+    settings = with_overrides(settings, args.host, args.port)
     root = str(settings.root)
     os.chdir(root)
     if root not in sys.path:
