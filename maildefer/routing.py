@@ -424,11 +424,11 @@ class Router:
         after the other, in route order; the first exception stops the delivery.
 
         Returns:
-            How many handlers ran. It can be 0 when routes match but the sender's state
-            function's routes do not (logged as a warning).
+            How many handlers ran (at least one).
 
         Raises:
-            NoRouteError: no route matches ``message.rcpt_to``.
+            NoRouteError: no route matches ``message.rcpt_to``, or routes match but none
+                of a stateless handler or of the sender's state function does.
             Exception: whatever a handler raised (``SMTPError`` included), unchanged.
 
         Example:
@@ -455,8 +455,11 @@ class Router:
             if any(not h.stateless for r in routes for h in r.handlers):
                 ran += await self._deliver_stateful(module, routes, message)
         if ran == 0:
-            structlog.get_logger("maildefer.routing").warning(
-                "no handler in state", rcpt_to=sanitize(address), sender=sanitize(message.mail_from)
+            # Routes match, but not the one of the sender's state (a list waiting for a
+            # confirmation): nothing handled it, so it must not count as delivered. Serve
+            # refuses it (550), a worker sets it aside with this reason (Lamson: undeliverable).
+            raise NoRouteError(
+                f"no handler for {address!r} in the state of sender {message.mail_from!r}"
             )
         return ran
 

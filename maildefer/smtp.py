@@ -51,7 +51,7 @@ import structlog
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from maildefer.errors import RoutingError, SMTPError
+from maildefer.errors import NoRouteError, SMTPError
 from maildefer.logs import sanitize
 from maildefer.mail import MailRequest
 from maildefer.settings import ServerSettings
@@ -156,7 +156,7 @@ def _reply_for(error: BaseException | None, rcpt: str) -> str:
         return error.reply
     if isinstance(error, TimeoutError):
         return REPLY_TIMEOUT
-    if isinstance(error, RoutingError) and type(error).__name__ == "NoRouteError":
+    if isinstance(error, NoRouteError):
         return f"550 5.1.1 <{rcpt}>: Recipient address rejected: no route"
     return REPLY_TEMPFAIL
 
