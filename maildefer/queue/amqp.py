@@ -29,7 +29,7 @@ Dead-lettering from ``posts`` and the delay queues is ``at-least-once`` (hence
 between two queues.
 
 Counting: the state lives in headers of the message (``x-maildefer-attempts``,
-``x-maildefer-recoveries``, ``x-maildefer-queued-at``) plus the broker's
+``x-maildefer-recoveries``, ``x-maildefer-queued-at-ms``) plus the broker's
 ``x-delivery-count`` (returns since this copy was published). A retry or release
 publishes a copy (confirmed) and then acks the original; a crash between the two
 handles the message twice, never zero times (at-least-once).
@@ -96,7 +96,9 @@ from maildefer.queue.names import NameGenerator
 
 H_ATTEMPTS = "x-maildefer-attempts"
 H_RECOVERIES = "x-maildefer-recoveries"
-H_QUEUED_AT = "x-maildefer-queued-at"
+# Integer milliseconds: AMQP field tables carry a Python float as a 32-bit float, which
+# rounds a Unix time to 128 s (found by test_consume_and_ack).
+H_QUEUED_AT = "x-maildefer-queued-at-ms"
 H_ERROR = "x-maildefer-error"
 H_REASON = "x-maildefer-reason"
 H_QUEUE = "x-maildefer-queue"
@@ -402,7 +404,7 @@ class AmqpQueue:
         """
         raw, envelope = _message_parts(message)
         key = self._names.next_key()
-        headers = {H_ATTEMPTS: 0, H_RECOVERIES: 0, H_QUEUED_AT: time.time()}
+        headers = {H_ATTEMPTS: 0, H_RECOVERIES: 0, H_QUEUED_AT: int(time.time() * 1000)}
         await self._publish(wrap(raw, envelope), self.name, key=key, headers=headers)
         return key
 
@@ -620,7 +622,7 @@ class AmqpQueue:
             stored_attempts=_int_header(headers, H_ATTEMPTS),
             stored_recoveries=_int_header(headers, H_RECOVERIES),
             deaths=deaths,
-            queued_at=float(queued_at) if isinstance(queued_at, int | float) else None,
+            queued_at=queued_at / 1000 if isinstance(queued_at, int) else None,
         )
 
     async def _claim(
@@ -683,7 +685,9 @@ class AmqpQueue:
         return {
             H_ATTEMPTS: attempts,
             H_RECOVERIES: delivery.recoveries,
-            H_QUEUED_AT: delivery.queued_at if delivery.queued_at is not None else time.time(),
+            H_QUEUED_AT: int(
+                (delivery.queued_at if delivery.queued_at is not None else time.time()) * 1000
+            ),
         }
 
     async def ack(self, claim: Claim) -> None:
