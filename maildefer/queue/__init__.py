@@ -94,6 +94,7 @@ class QueueRegistry:
 
     def __init__(self, *, undeliverable: str | os.PathLike[str] | None = None) -> None:
         self._backends: dict[str, QueueBackend] = {}
+        self._by_ref: dict[str, QueueBackend] = {}
         self._undeliverable = undeliverable
 
     @staticmethod
@@ -110,11 +111,19 @@ class QueueRegistry:
             >>> QueueRegistry().get("/tmp/q-doc8").url
             '/tmp/q-doc8'
         """
-        key = self._normal(ref)
+        text = os.fspath(ref)
+        # Handlers call Queue("run/posts") once per message: look the name up as written
+        # first, so the hot path pays no getcwd. serve and worker set their working
+        # directory once, before any handler runs, so a relative name means one place.
+        backend = self._by_ref.get(text)
+        if backend is not None:
+            return backend
+        key = self._normal(text)
         backend = self._backends.get(key)
         if backend is None:
             backend = open_backend(ref, options=options, undeliverable=self._undeliverable)
             self._backends[key] = backend
+        self._by_ref[text] = backend
         return backend
 
     @contextmanager
@@ -141,6 +150,7 @@ class QueueRegistry:
         for backend in self._backends.values():
             await backend.close()
         self._backends.clear()
+        self._by_ref.clear()
 
 
 # A context variable, not a global registry: serve and worker each set their own, and

@@ -91,7 +91,7 @@ from maildefer.errors import ConfigError, CorruptMessageError, QueueError
 from maildefer.mail import MailRequest
 from maildefer.queue.base import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
 from maildefer.queue.envelope import wrap
-from maildefer.queue.maildir import _message_parts, request_from_file
+from maildefer.queue.maildir import message_parts, request_from_file
 from maildefer.queue.names import NameGenerator
 
 H_ATTEMPTS = "x-maildefer-attempts"
@@ -402,7 +402,7 @@ class AmqpQueue:
             ...     print(str(exc).split(":")[1].strip())
             cannot connect to the broker
         """
-        raw, envelope = _message_parts(message)
+        raw, envelope = message_parts(message)
         key = self._names.next_key()
         headers = {H_ATTEMPTS: 0, H_RECOVERIES: 0, H_QUEUED_AT: int(time.time() * 1000)}
         await self._publish(wrap(raw, envelope), self.name, key=key, headers=headers)

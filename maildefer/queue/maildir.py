@@ -105,8 +105,16 @@ class _Owner:
         return f"{self.host}~{self.pid}~{self.start}"
 
 
-def _message_parts(message: Pushable) -> tuple[bytes, Envelope]:
-    """The raw bytes and envelope of anything ``push`` accepts."""
+def message_parts(message: Pushable) -> tuple[bytes, Envelope]:
+    """The raw bytes and envelope of anything ``push`` accepts (shared by every backend).
+
+    Bytes and stdlib messages carry no SMTP envelope: it is read from their headers.
+
+    Example:
+        >>> raw, env = message_parts(b"From: a@x.org\\nTo: b@y.org\\n\\nhi\\n")
+        >>> env.mail_from, env.rcpt_tos
+        ('a@x.org', ['b@y.org'])
+    """
     if isinstance(message, MailRequest):
         return message.raw, Envelope(
             message.mail_from,
@@ -291,7 +299,7 @@ class MaildirQueue:
             >>> (q.dir("new") / key).exists()
             True
         """
-        raw, envelope = _message_parts(message)
+        raw, envelope = message_parts(message)
         data = wrap(raw, envelope)
         self.ensure()
         # The queue's writer thread writes and fsyncs each file and shares one new/
