@@ -66,11 +66,23 @@ async def running(settings: Settings, **kwargs: Any) -> AsyncIterator[Server]:
 
 
 def queued(path: Path) -> list[Any]:
-    """The MailRequests in a maildir queue's new/ (sorted by key)."""
+    """The MailRequests in a maildir queue's new/, in the order they were queued.
+
+    Sorted by the key's time as numbers: ``M<usec>`` is not zero-padded, so a plain
+    string sort puts ``M99999`` after ``M100000``.
+    """
     new = path / "new"
     if not new.exists():
         return []
-    return [request_from_file(p.read_bytes()) for p in sorted(new.iterdir())]
+
+    def order(p: Path) -> tuple[int, int, int, str]:
+        sec, _, rest = p.name.partition(".M")
+        usec, _, rest = rest.partition("P")
+        seq = rest.partition("Q")[2].partition("R")[0]
+        numbers = [int(x) if x.isdigit() else 0 for x in (sec, usec, seq)]
+        return numbers[0], numbers[1], numbers[2], p.name
+
+    return [request_from_file(p.read_bytes()) for p in sorted(new.iterdir(), key=order)]
 
 
 class RawClient:
