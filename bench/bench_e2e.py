@@ -11,8 +11,16 @@ a send started after its slot in the schedule (all sessions busy), the rate achi
 the CPU time serve and the worker used per message.
 The queue is on the real disk (``run/`` of the checkout): every push is fsync'd.
 
-Usage: ``python bench/bench_e2e.py [--quick] [--rate 200] [--seconds 15]``; one JSON object
-per figure on stdout, progress on stderr.
+``--loop both`` (the default, issue 7) runs two such projects side by side, one whose serve
+and worker run on the stdlib asyncio loop and one on uvloop (``--loop uvloop``), and sends to
+them in alternating rounds (asyncio, uvloop, uvloop, asyncio; 5 s each, 2.5 s with
+``--quick``): the asyncio figures keep their names, the uvloop ones end in ``(uvloop)`` with
+the asyncio figure as baseline. ``--loop asyncio`` or ``--loop uvloop`` measures one loop,
+in one round of 15 s (5 s with ``--quick``).
+
+Usage: ``python bench/bench_e2e.py [--quick] [--rate 200] [--seconds S] [--loop both]``;
+``--seconds`` is the length of one round. One JSON object per figure on stdout, progress on
+stderr.
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ def emit(
     value: float,
     unit: str,
     goal: str | None = None,
+    baseline: tuple[str, float] | None = None,
     **extra: Any,
 ) -> None:
     record = {
@@ -71,8 +80,8 @@ def emit(
         "figure": figure,
         "value": round(value, 3),
         "unit": unit,
-        "baseline": None,
-        "ratio": None,
+        "baseline": baseline[0] if baseline else None,
+        "ratio": round(value / baseline[1], 3) if baseline and baseline[1] else None,
         "goal": goal,
         **extra,
     }
@@ -97,9 +106,10 @@ def free_port() -> int:
 class Project:
     """A maildefer project in ``base``: settings, the two handler modules, the processes."""
 
-    def __init__(self, base: Path, port: int) -> None:
+    def __init__(self, base: Path, port: int, loop: str = "asyncio") -> None:
         self.root = base
         self.port = port
+        self.loop = loop
         self.record = base / "record"
         (base / "config").mkdir(parents=True)
         (base / "e2e_serve.py").write_text(SERVE_HANDLER)
@@ -134,7 +144,7 @@ class Project:
         with open(self.root / log, "ab") as stderr:
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "maildefer", *argv],
+                    [sys.executable, "-m", "maildefer", *argv, "--loop", self.loop],
                     cwd=self.root,
                     env=environ,
                     stdout=subprocess.DEVNULL,
@@ -272,59 +282,143 @@ def wait_connectable(port: int, timeout: float) -> None:
     raise SystemExit(f"serve did not answer on port {port}")
 
 
+class Tally:
+    """One loop's measurements, summed over its rounds."""
+
+    def __init__(self) -> None:
+        self.acked: list[float] = []
+        self.lag: list[float] = []
+        self.latency: list[float] = []
+        self.sent = 0
+        self.send_seconds = 0.0
+        self.cpu = [0.0, 0.0]  # worker, serve
+
+
+def start_project(base_dir: str, loop: str) -> tuple[Project, set[float]]:
+    """A project on ``loop``, started and warmed up; the send times of the warm-up."""
+    # Absolute: the processes run in the project and BENCH_RECORD must name the same file.
+    base = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{loop}-", dir=base_dir)).resolve()
+    port = free_port()
+    project = Project(base, port, loop)
+    project.start("worker", "--queue", "q", log="worker.log")
+    project.start("serve", log="serve.log")
+    project.wait_log("worker.log", "worker_started", 60)
+    wait_connectable(port, 60)
+    # Warm-up: messages through the whole path before measuring.
+    asyncio.run(send_steady(port, 10.0, 0.5))
+    deadline = time.monotonic() + 30
+    while len(project.records()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    warm = set(project.records())
+    if not warm:
+        raise SystemExit(f"e2e: the warm-up messages never reached the worker; see {base}")
+    return project, warm
+
+
+def one_round(project: Project, tally: Tally, rate: float, seconds: float) -> None:
+    """Send to ``project`` for ``seconds``; wait for its worker; add it all to ``tally``."""
+    done_before = len(project.records())
+    cpu_before = project.cpu_seconds()
+    acked, lag, achieved = asyncio.run(send_steady(project.port, rate, seconds))
+    expected = done_before + len(acked)
+    deadline = time.monotonic() + 60
+    while len(project.records()) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # CPU of the round includes the worker catching up: its share of the same messages.
+    for i, (a, b) in enumerate(zip(cpu_before, project.cpu_seconds(), strict=True)):
+        tally.cpu[i] += b - a
+    tally.acked += acked
+    tally.lag += lag
+    tally.sent += len(acked)
+    tally.send_seconds += len(acked) / achieved
+    note(f"e2e: {project.loop} round: {achieved:.0f} msg/s, 250 p50 {percentile(acked, 50):.0f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="5 s instead of 15 s")
+    parser.add_argument("--quick", action="store_true", help="shorter rounds")
     parser.add_argument("--rate", type=float, default=200.0, help="messages per second")
-    parser.add_argument("--seconds", type=float, default=None, help="how long to send")
-    parser.add_argument("--dir", default=str(ROOT / "run"), help="where the project goes")
+    parser.add_argument("--seconds", type=float, default=None, help="how long one round sends")
+    parser.add_argument("--dir", default=str(ROOT / "run"), help="where the projects go")
+    parser.add_argument(
+        "--loop",
+        choices=("both", "asyncio", "uvloop"),
+        default="both",
+        help="event loop of serve and worker; both: alternating rounds (default)",
+    )
     args = parser.parse_args()
-    seconds = args.seconds or (5.0 if args.quick else 15.0)
+    both = args.loop == "both"
+    schedule = ["asyncio", "uvloop", "uvloop", "asyncio"] if both else [args.loop]
+    if args.seconds:
+        seconds = args.seconds
+    elif both:  # four rounds: 20 s of sending in all, 5 s more than one loop alone took
+        seconds = 2.5 if args.quick else 5.0
+    else:
+        seconds = 5.0 if args.quick else 15.0
     Path(args.dir).mkdir(parents=True, exist_ok=True)
-    # Absolute: the processes run in the project and BENCH_RECORD must name the same file.
-    base = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=args.dir)).resolve()
-    port = free_port()
-    project = Project(base, port)
+    projects: dict[str, Project] = {}
+    warm: dict[str, set[float]] = {}
+    tallies = {loop: Tally() for loop in dict.fromkeys(schedule)}
     try:
-        project.start("worker", "--queue", "q", log="worker.log")
-        project.start("serve", log="serve.log")
-        project.wait_log("worker.log", "worker_started", 60)
-        wait_connectable(port, 60)
-        # Warm-up: one message through the whole path before measuring.
-        asyncio.run(send_steady(port, 10.0, 0.5))
-        deadline = time.monotonic() + 30
-        while len(project.records()) < 5 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        warm = set(project.records())
-        cpu_before = project.cpu_seconds()
-        if not warm:
-            raise SystemExit(f"e2e: the warm-up messages never reached the worker; see {base}")
-        note(f"e2e: sending {args.rate:.0f} msg/s for {seconds:.0f} s over {SESSIONS} sessions")
-        acked, lag, achieved = asyncio.run(send_steady(port, args.rate, seconds))
-        expected = len(warm) + len(acked)
-        deadline = time.monotonic() + 60
-        while len(project.records()) < expected and time.monotonic() < deadline:
-            time.sleep(0.05)
-        records = {k: v for k, v in project.records().items() if k not in warm}
-        cpu = [b - a for a, b in zip(cpu_before, project.cpu_seconds(), strict=True)]
+        for loop in tallies:
+            projects[loop], warm[loop] = start_project(args.dir, loop)
+        note(
+            f"e2e: sending {args.rate:.0f} msg/s over {SESSIONS} sessions, rounds of "
+            f"{seconds:g} s: {' '.join(schedule)}"
+        )
+        for loop in schedule:
+            one_round(projects[loop], tallies[loop], args.rate, seconds)
+        for loop, tally in tallies.items():
+            records = {k: v for k, v in projects[loop].records().items() if k not in warm[loop]}
+            if len(records) < tally.sent:
+                note(f"e2e: {loop}: only {len(records)} of {tally.sent} accepted were handled")
+            tally.latency = [(done - sent) * 1000 for sent, done in records.items()]
     finally:
-        project.stop()
-    if len(records) < len(acked):
-        note(f"e2e: only {len(records)} of {len(acked)} accepted messages were handled in time")
-    if not records or not acked:
-        raise SystemExit(f"e2e: no message made it through; logs kept in {base}")
-    lat = [(done - sent) * 1000 for sent, done in records.items()]
-    extra = {"messages": len(lat), "rate": args.rate, "seconds": seconds, "sessions": SESSIONS}
-    emit("achieved send rate", achieved, "msg/s", goal=f"{args.rate:.0f} msg/s steady", **extra)
-    # CPU per message shows whether a missed rate is the CPU (2 cores, client included).
-    emit("serve CPU per message", cpu[1] * 1000 / len(acked), "ms", **extra)
-    emit("worker CPU per message", cpu[0] * 1000 / len(acked), "ms", **extra)
-    emit("send start after its slot p99", percentile(lag, 99), "ms", **extra)
-    for p in (50, 99):
-        emit(f"SMTP send start -> 250 p{p}", percentile(acked, p), "ms", **extra)
-    for p in (50, 99):
-        emit(f"SMTP send start -> worker handler done p{p}", percentile(lat, p), "ms", **extra)
-    shutil.rmtree(base, ignore_errors=True)
+        for project in projects.values():
+            project.stop()
+    for loop, tally in tallies.items():
+        if not tally.latency or not tally.acked:
+            raise SystemExit(f"e2e: {loop}: no message made it through; logs kept in {args.dir}")
+    base = tallies.get("asyncio")
+    for loop, tally in tallies.items():
+        rounds = schedule.count(loop)
+        extra = {
+            "messages": len(tally.latency),
+            "rate": args.rate,
+            "seconds": seconds * rounds,
+            "rounds": rounds,
+            "sessions": SESSIONS,
+            "loop": loop,
+        }
+        suffix = "" if loop == "asyncio" else f" ({loop})"
+        compare = base is not None and tally is not base
+
+        def figures(t: Tally) -> list[tuple[str, float, str, str | None]]:
+            out: list[tuple[str, float, str, str | None]] = [
+                (
+                    "achieved send rate",
+                    t.sent / t.send_seconds,
+                    "msg/s",
+                    f"{args.rate:.0f} msg/s steady",
+                ),
+                # CPU per message: is a missed rate the CPU (2 cores, client included)?
+                ("serve CPU per message", t.cpu[1] * 1000 / t.sent, "ms", None),
+                ("worker CPU per message", t.cpu[0] * 1000 / t.sent, "ms", None),
+                ("send start after its slot p99", percentile(t.lag, 99), "ms", None),
+            ]
+            for p in (50, 99):
+                out.append((f"SMTP send start -> 250 p{p}", percentile(t.acked, p), "ms", None))
+            for p in (50, 99):
+                name = f"SMTP send start -> worker handler done p{p}"
+                out.append((name, percentile(t.latency, p), "ms", None))
+            return out
+
+        baselines = figures(base) if compare and base is not None else None
+        for i, (name, value, unit, goal) in enumerate(figures(tally)):
+            reference = (baselines[i][0], baselines[i][1]) if baselines else None
+            emit(name + suffix, value, unit, goal=goal, baseline=reference, **extra)
+    for project in projects.values():
+        shutil.rmtree(project.root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``maildefer serve [--host H] [--port P]``: the SMTP/LMTP listener, in the foreground.
+"""``maildefer serve [--host H] [--port P] [--loop L]``: the SMTP/LMTP listener, in the foreground.
 
 The process works from the project root: ``serve`` changes its working directory to the
 directory holding ``config/`` and puts it first on ``sys.path``, so ``app.handlers.*``
@@ -32,6 +32,7 @@ import structlog
 from pydantic import ValidationError
 
 from maildefer.errors import ConfigError
+from maildefer.loops import add_loop_argument
 from maildefer.metrics import Metrics
 from maildefer.server import Server
 from maildefer.settings import Settings
@@ -48,6 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("--host", default=None, help="address to listen on ([server] host)")
     parser.add_argument("--port", type=int, default=None, help="port ([server] port)")
+    add_loop_argument(parser)
+
+
+def with_loop(settings: Settings, loop: str | None) -> Settings:
+    """The settings with ``--loop`` applied (``None`` leaves ``[runtime] loop``).
+
+    Example:
+        >>> with_loop(Settings(), "uvloop").runtime.loop
+        'uvloop'
+        >>> with_loop(Settings(), None).runtime.loop
+        'asyncio'
+    """
+    if loop is None:
+        return settings
+    runtime = type(settings.runtime).model_validate({"loop": loop})
+    return settings.model_copy(update={"runtime": runtime})
 
 
 def with_overrides(settings: Settings, host: str | None, port: int | None) -> Settings:
@@ -82,7 +99,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         >>> run  # doctest: +ELLIPSIS
         <function run at ...>
     """
-    settings = with_overrides(settings, args.host, args.port)
+    settings = with_loop(with_overrides(settings, args.host, args.port), args.loop)
     root = str(settings.root)
     os.chdir(root)
     if root not in sys.path:

@@ -414,8 +414,12 @@ class Server:
     def run(self) -> None:
         """Serve in a new event loop until a signal; the synchronous entry of the CLI.
 
+        The loop is the one ``[runtime] loop`` names (stdlib asyncio or uvloop).
+
         Raises:
-            ConfigError: bad handlers or TLS files.
+            ConfigError: bad handlers or TLS files, or uvloop asked for and not installed.
             OSError: the address cannot be bound.
         """
-        asyncio.run(self.serve())
+        from maildefer import loops
+
+        loops.run(self.serve(), self.settings.runtime.loop)

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from maildefer.errors import ConfigError
+from maildefer.loops import LoopName
 
 DEFAULT_CONFIG = Path("config/settings.toml")
 
@@ -172,6 +173,23 @@ class LoggingSettings(BaseModel):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class RuntimeSettings(BaseModel):
+    """``[runtime]``: how ``serve`` and ``worker`` run (the event loop; see ``maildefer.loops``).
+
+    ``loop`` is ``"asyncio"`` (the stdlib loop), ``"uvloop"`` (needs
+    ``pip install 'maildefer[uvloop]'``) or ``"auto"`` (uvloop when installed).
+    ``--loop`` on ``serve`` and ``worker`` overrides it.
+
+    Example:
+        >>> RuntimeSettings().loop
+        'asyncio'
+    """
+
+    model_config = _STRICT
+
+    loop: LoopName = "asyncio"
+
+
 class Settings(BaseSettings):
     """All of ``settings.toml``, with ``MAILDEFER_<SECTION>__<KEY>`` overrides.
 
@@ -199,6 +217,7 @@ class Settings(BaseSettings):
     undeliverable: UndeliverableSettings = Field(default_factory=UndeliverableSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
 
     @classmethod
     def settings_customise_sources(

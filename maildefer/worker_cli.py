@@ -2,7 +2,8 @@
 
 ``--queue`` is a path, a URL or a queue name from settings; the handlers are the
 queue's ``[queues.NAME] handlers``. ``--concurrency`` overrides the queue's
-``concurrency``; ``--burst`` drains what is there (with retries already due) and exits.
+``concurrency``; ``--burst`` drains what is there (with retries already due) and exits;
+``--loop`` overrides ``[runtime] loop`` (the event loop: asyncio, uvloop or auto).
 
 Exit status: 0 after a clean shutdown (SIGTERM or SIGINT) or a finished burst; 2 for bad
 usage or settings (one line on stderr: an unknown queue option, no handlers, a handler
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from maildefer import loops
 from maildefer.errors import ConfigError, MaildeferError, RoutingError
 from maildefer.queue import QueueRegistry, queue_options, resolve_queue
 from maildefer.queue.maildir import MaildirQueue
@@ -74,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="handle what is queued (and retries already due), then exit 0",
     )
+    loops.add_loop_argument(parser)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         ConfigError: bad usage or settings (the CLI exits 2).
 
     Example:
-        >>> ns = argparse.Namespace(queue="nope", concurrency=None, burst=True)
+        >>> ns = argparse.Namespace(queue="nope", concurrency=None, burst=True, loop=None)
         >>> run(ns, Settings())
         Traceback (most recent call last):
         ...
@@ -130,7 +133,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     log = structlog.get_logger("maildefer.worker")
     try:
-        asyncio.run(_serve(worker, registry, metrics, settings.metrics))
+        loop = settings.runtime.loop if args.loop is None else args.loop
+        loops.run(_serve(worker, registry, metrics, settings.metrics), loop)
     except MaildeferError:
         raise
     except Exception:

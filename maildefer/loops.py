@@ -1,0 +1,132 @@
+"""The event loop a daemon runs on: stdlib asyncio, uvloop, or uvloop when installed.
+
+``serve`` and ``worker`` run their coroutine through :func:`run`, which picks the loop named by
+``[runtime] loop`` (or ``--loop``), as uvicorn's ``--loop auto|asyncio|uvloop``:
+
+- ``"asyncio"``: the stdlib loop, exactly what ``asyncio.run`` gives (the default);
+- ``"uvloop"``: uvloop (libuv); a :class:`~maildefer.errors.ConfigError` when it is not
+  installed (``pip install 'maildefer[uvloop]'``);
+- ``"auto"``: uvloop when it can be imported, else the stdlib loop.
+
+uvloop is imported only when chosen, at run time: importing this module (or running
+``maildefer --help``) never loads it and never changes the process's event loop policy.
+
+Example:
+    >>> async def main() -> str:
+    ...     return "done"
+    >>> run(main(), "asyncio")
+    'done'
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, TypeVar, get_args
+
+from maildefer.errors import ConfigError
+
+LoopName = Literal["auto", "asyncio", "uvloop"]
+"""The values of ``[runtime] loop`` and ``--loop``."""
+
+LOOP_NAMES: tuple[str, ...] = get_args(LoopName)
+"""``("auto", "asyncio", "uvloop")``, for ``argparse`` choices."""
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+_T = TypeVar("_T")
+
+_MISSING = (
+    "runtime.loop = 'uvloop' (or --loop uvloop): uvloop is not installed "
+    "(pip install 'maildefer[uvloop]', or set loop = \"asyncio\")"
+)
+
+
+def add_loop_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--loop {auto,asyncio,uvloop}`` (default ``None``: ``[runtime] loop`` decides).
+
+    Shared by ``serve`` and ``worker``; lives here so the worker does not import serve's
+    module (and aiosmtpd with it).
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_loop_argument(p)
+        >>> p.parse_args(["--loop", "uvloop"]).loop, p.parse_args([]).loop
+        ('uvloop', None)
+    """
+    parser.add_argument(
+        "--loop",
+        choices=LOOP_NAMES,
+        default=None,
+        help="event loop, overriding [runtime] loop: asyncio (stdlib), uvloop, "
+        "or auto (uvloop when installed)",
+    )
+
+
+def loop_factory(name: str) -> LoopFactory | None:
+    """The factory of the event loop ``name`` chooses; ``None`` is the stdlib default.
+
+    ``None`` (rather than ``asyncio.new_event_loop``) keeps ``"asyncio"`` identical to
+    ``asyncio.run``: the runner then also installs the loop as the thread's current loop.
+
+    Args:
+        name: ``"auto"``, ``"asyncio"`` or ``"uvloop"``.
+
+    Raises:
+        ConfigError: ``"uvloop"`` without uvloop installed, or an unknown name (one line,
+            naming the setting).
+
+    Example:
+        >>> loop_factory("asyncio") is None
+        True
+        >>> loop_factory("tokio")
+        Traceback (most recent call last):
+        ...
+        maildefer.errors.ConfigError: runtime.loop = 'tokio': expected one of auto, asyncio, uvloop
+    """
+    if name == "asyncio":
+        return None
+    if name not in LOOP_NAMES:
+        raise ConfigError(f"runtime.loop = {name!r}: expected one of {', '.join(LOOP_NAMES)}")
+    try:
+        # importlib, not `import uvloop`: the module is optional and untyped for mypy.
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if name == "auto":
+            return None
+        raise ConfigError(_MISSING) from None
+    factory: LoopFactory = uvloop.new_event_loop
+    return factory
+
+
+def run(main: Coroutine[Any, Any, _T], loop: str = "asyncio") -> _T:
+    """Run ``main`` to completion on a new event loop of the kind ``loop`` names.
+
+    Like ``asyncio.run`` (``asyncio.Runner``): the loop is closed afterwards, after its
+    async generators and default executor are shut down.
+
+    Args:
+        main: the coroutine to run.
+        loop: ``"auto"``, ``"asyncio"`` or ``"uvloop"``.
+
+    Returns:
+        What ``main`` returns.
+
+    Raises:
+        ConfigError: the loop cannot be had (see :func:`loop_factory`); ``main`` is closed
+            unstarted, so no "never awaited" warning follows.
+
+    Example:
+        >>> async def kind() -> str:
+        ...     return type(asyncio.get_running_loop()).__module__
+        >>> run(kind(), "asyncio").startswith("asyncio")
+        True
+    """
+    try:
+        factory = loop_factory(loop)
+    except ConfigError:
+        main.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
