@@ -150,7 +150,7 @@ class Server:
         self.recipients = recipients
         self.metrics = metrics
         self.notifier = notifier
-        self.registry = QueueRegistry(undeliverable=settings.resolve(settings.undeliverable.path))
+        self.registry = QueueRegistry.from_settings(settings)
         server = settings.server
         self.tracker = SessionTracker(
             max_connections=server.max_connections, max_per_ip=server.max_connections_per_ip

@@ -130,6 +130,10 @@ class QueueSettings(BaseModel):
     # A message whose handler killed its worker this many times is quarantined (R11).
     max_recoveries: int = Field(default=3, gt=0)
     grace_period: float = Field(default=30.0, ge=0)
+    # How a maildir push makes its file durable: "syncfs" flushes a batch of files with
+    # one syncfs(2) (group commit; it flushes the whole filesystem), "fsync" each file on
+    # its own; "auto" is syncfs on Linux >= 5.8 unless shared_fs, else fsync.
+    sync: Literal["auto", "fsync", "syncfs"] = "auto"
 
 
 class UndeliverableSettings(BaseModel):

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import structlog
+from structlog.contextvars import bind_contextvars
 
 from maildefer.errors import ConfigError, NoRouteError
 from maildefer.logs import sanitize
@@ -340,43 +341,46 @@ class Worker:
 
     async def _handle(self, claim: Claim) -> None:
         attempt = claim.attempts + 1
-        with structlog.contextvars.bound_contextvars(key=claim.key, attempt=attempt):
-            started = time.time()
-            latency = None if claim.queued_at is None else (started - claim.queued_at) * 1000
-            t0 = time.perf_counter()
-            outcome, error = "ok", None
-            timer = asyncio.timeout(self.handler_timeout)
-            gauges = self._instruments
-            if gauges is not None and claim.attempts == 0 and claim.queued_at is not None:
-                # First attempts only: a retry's key time is its first push, and its
-                # backoff would swamp the push-to-claim latency the histogram shows.
-                gauges.pickup.observe(max(0.0, started - claim.queued_at))
-            try:
-                async with timer:
-                    if gauges is None:
-                        await self.deliver(claim.message)
-                    else:
-                        gauges.in_flight.inc()
-                        try:
-                            await self.deliver(claim.message)
-                        finally:
-                            gauges.in_flight.dec()
-                            gauges.seconds.observe(time.perf_counter() - t0)
-            except asyncio.CancelledError:
-                # Only the shutdown cancels a handler (past the grace period).
-                await asyncio.shield(self._finish(claim, "released", None))
-                self._line("released", t0, latency, None)
-                raise
-            except NoRouteError as exc:
-                outcome, error = "buried", _error_text(exc)
-            except Exception as exc:
-                if isinstance(exc, TimeoutError) and timer.expired():
-                    error = f"handler timed out after {self.handler_timeout:g} s"
+        # Bound for good: each handler task runs in its own copy of the context, so
+        # nothing needs resetting (and the unbind would cost on every message).
+        bind_contextvars(key=claim.key, attempt=attempt)
+        started = time.time()
+        queued_at = claim.queued_at
+        latency = None if queued_at is None else (started - queued_at) * 1000
+        t0 = time.perf_counter()
+        outcome, error = "ok", None
+        timer = asyncio.timeout(self.handler_timeout)
+        gauges = self._instruments
+        if gauges is not None and claim.attempts == 0 and queued_at is not None:
+            # First attempts only: a retry's key time is its first push, and its
+            # backoff would swamp the push-to-claim latency the histogram shows.
+            gauges.pickup.observe(max(0.0, started - queued_at))
+        try:
+            async with timer:
+                if gauges is None:
+                    await self.deliver(claim.message)
                 else:
-                    error = _error_text(exc)
-                outcome = "retry"
-            outcome = await self._finish(claim, outcome, error)
-            self._line(outcome, t0, latency, error)
+                    gauges.in_flight.inc()
+                    try:
+                        await self.deliver(claim.message)
+                    finally:
+                        gauges.in_flight.dec()
+                        gauges.seconds.observe(time.perf_counter() - t0)
+        except asyncio.CancelledError:
+            # Only the shutdown cancels a handler (past the grace period).
+            await asyncio.shield(self._finish(claim, "released", None))
+            self._line("released", t0, latency, None)
+            raise
+        except NoRouteError as exc:
+            outcome, error = "buried", _error_text(exc)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and timer.expired():
+                error = f"handler timed out after {self.handler_timeout:g} s"
+            else:
+                error = _error_text(exc)
+            outcome = "retry"
+        outcome = await self._finish(claim, outcome, error)
+        self._line(outcome, t0, latency, error)
 
     async def _finish(self, claim: Claim, outcome: str, error: str | None) -> str:
         """Ack, retry, bury or release a claim; returns the outcome that happened."""

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
     except RoutingError as exc:
         raise ConfigError(str(exc)) from None
-    registry = QueueRegistry(undeliverable=settings.resolve(settings.undeliverable.path))
+    registry = QueueRegistry.from_settings(settings)
     backend = registry.get(resolve_queue(settings, args.queue), options=queue_options(queue))
     name = queue_name(settings, args.queue)
     metrics: Metrics | None = None

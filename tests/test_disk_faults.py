@@ -21,6 +21,7 @@ import pytest
 import structlog
 from helpers.smtp_server import RawClient, make_settings, running, write_handlers
 
+import maildefer.queue.writer as writer_module
 from maildefer import logs
 from maildefer.errors import NoRouteError
 from maildefer.mail import MailRequest
@@ -172,18 +173,44 @@ def failing_fsync(
     return failed
 
 
-@pytest.mark.parametrize("target", ["file", "directory"])
+def failing_syncfs(monkeypatch: pytest.MonkeyPatch, queue: Path) -> list[str]:
+    """Make the writer's ``syncfs`` (its OS-call seam) fail with EIO for ``queue``."""
+    real = writer_module.sync_filesystem
+    failed: list[str] = []
+
+    def syncfs(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path == f"{queue}/tmp":
+            failed.append(path)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(writer_module, "sync_filesystem", syncfs)
+    return failed
+
+
+@pytest.mark.parametrize("target", ["file", "directory", "syncfs"])
 async def test_eio_on_fsync_451_and_no_debris(
     project: Path, monkeypatch: pytest.MonkeyPatch, target: str
 ) -> None:
+    if target == "syncfs" and not writer_module.syncfs_available():
+        pytest.skip("syncfs(2) with error reporting needs Linux >= 5.8")
     queue = project / "run" / "posts"
-    async with running(make_settings(project, write_handlers(project))) as server:
+    # "file": the per-file fsync of sync = "fsync"; "syncfs": the batch flush instead.
+    sync = "fsync" if target == "file" else "syncfs" if target == "syncfs" else "auto"
+    settings = make_settings(
+        project, write_handlers(project), queues={"posts": {"path": "run/posts", "sync": sync}}
+    )
+    async with running(settings) as server:
         first = message(1, 2_000)
         assert (await send(server.port, first))[0] == 250
         # The message file in tmp/, or the new/ directory (paths relative to the queue).
         which = (lambda p: p.startswith("tmp/")) if target == "file" else (lambda p: p == "new")
         with monkeypatch.context() as patch:
-            failed = failing_fsync(patch, queue, which)
+            if target == "syncfs":
+                failed = failing_syncfs(patch, queue)
+            else:
+                failed = failing_fsync(patch, queue, which)
             code, text = await send(server.port, message(2, 2_000))
             assert (code, text[4:9]) == (451, "4.3.0"), text
             assert len(failed) == 1, failed  # injected once, where intended

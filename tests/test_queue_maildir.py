@@ -21,12 +21,18 @@ from helpers.spy_os import SpyOS
 
 import maildefer.queue.maildir as maildir_module
 import maildefer.queue.writer as writer_module
-from maildefer.errors import QueueError
+from maildefer.errors import ConfigError, QueueError
 from maildefer.mail import MailRequest
 from maildefer.queue.base import QueueOptions
 from maildefer.queue.envelope import unwrap
 from maildefer.queue.maildir import MaildirQueue
 from maildefer.queue.names import MaildirName, escape_host
+
+FSYNC = QueueOptions(sync="fsync")
+SYNCFS = QueueOptions(sync="syncfs")
+needs_syncfs = pytest.mark.skipif(
+    not writer_module.syncfs_available(), reason="syncfs(2) with error reporting needs Linux >= 5.8"
+)
 
 MSG = b"From: a@x.org\r\nTo: b@y.org\r\nSubject: test\r\n\r\nbody\r\n"
 KEY_RE = re.compile(r"^(\d+)\.M(\d{1,6})P(\d+)Q(\d+)R([0-9a-f]{16})\.(.+)$")
@@ -41,6 +47,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> SpyOS:
     spy = SpyOS()
     monkeypatch.setattr(maildir_module, "os", spy)
     monkeypatch.setattr(writer_module, "os", spy)
+    monkeypatch.setattr(writer_module, "sync_filesystem", spy.syncfs)
     return spy
 
 
@@ -68,7 +75,7 @@ async def test_key_format_and_escaped_host(tmp_path: Path, spy: SpyOS) -> None:
 
 
 async def test_push_syscall_order(tmp_path: Path, spy: SpyOS) -> None:
-    q = MaildirQueue(tmp_path / "q")
+    q = MaildirQueue(tmp_path / "q", options=FSYNC)
     key = await q.push(MSG)
     spy.events.append(("returned", key))
     tmp, new, newdir = str(q.dir("tmp") / key), str(q.dir("new") / key), str(q.dir("new"))
@@ -88,6 +95,53 @@ async def test_push_syscall_order(tmp_path: Path, spy: SpyOS) -> None:
     assert files(q.dir("tmp")) == []
 
 
+@needs_syncfs
+async def test_push_syscall_order_syncfs(tmp_path: Path, spy: SpyOS) -> None:
+    q = MaildirQueue(tmp_path / "q", options=SYNCFS)
+    key = await q.push(MSG)
+    spy.events.append(("returned", key))
+    tmp, new = str(q.dir("tmp") / key), str(q.dir("new") / key)
+    tmpdir, newdir = str(q.dir("tmp")), str(q.dir("new"))
+    ours = [e for e in spy.events if e[1] in (tmp, new, tmpdir, newdir, key)]
+    # The file's data reaches the disk (syncfs, begun after its write) before its name
+    # is in new/, and the name (dir fsync, begun after the link) before push returns.
+    order = [
+        ("open", tmp),
+        ("write", tmp),
+        ("syncfs-start", tmpdir),
+        ("syncfs", tmpdir),
+        ("link", new),
+        ("fsync-start", newdir),
+        ("fsync", newdir),
+        ("returned", key),
+    ]
+    positions = [ours.index(e) for e in order]
+    assert positions == sorted(positions), ours
+    assert ("fsync", tmp) not in ours  # the one syncfs stands for the per-file fsync
+    assert ours.index(("unlink", tmp)) < ours.index(("returned", key))
+    assert files(q.dir("tmp")) == []
+
+
+async def test_sync_auto_is_syncfs_where_it_reports_errors(tmp_path: Path) -> None:
+    auto = MaildirQueue(tmp_path / "a")
+    shared = MaildirQueue(tmp_path / "b", options=QueueOptions(shared_fs=True))
+    expected = "syncfs" if writer_module.syncfs_available() else "fsync"
+    assert auto._writer.sync == expected
+    assert shared._writer.sync == "fsync"  # NFS: the per-file fsync is what it honours
+
+
+async def test_syncfs_asked_for_on_an_old_kernel_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.uname()
+    fake = os.uname_result((real.sysname, real.nodename, "5.4.0-42", real.version, real.machine))
+    monkeypatch.setattr(os, "uname", lambda: fake)
+    assert not writer_module.syncfs_available()
+    with pytest.raises(ConfigError, match=re.escape("sync = 'syncfs' needs Linux 5.8")):
+        MaildirQueue(tmp_path / "q", options=SYNCFS)
+    assert MaildirQueue(tmp_path / "q")._writer.sync == "fsync"  # auto falls back
+
+
 async def test_o_excl_never_overwrites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     q = MaildirQueue(tmp_path / "q")
     q.ensure()
@@ -103,7 +157,7 @@ async def test_o_excl_never_overwrites(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 async def test_group_commit(tmp_path: Path, spy: SpyOS) -> None:
-    q = MaildirQueue(tmp_path / "q")
+    q = MaildirQueue(tmp_path / "q", options=FSYNC)
     q.ensure()
     newdir = str(q.dir("new"))
 
@@ -131,6 +185,59 @@ async def test_group_commit(tmp_path: Path, spy: SpyOS) -> None:
         assert any(link < start and end < ret for start, end in spans), key
 
 
+@needs_syncfs
+async def test_group_commit_syncfs(tmp_path: Path, spy: SpyOS) -> None:
+    q = MaildirQueue(tmp_path / "q", options=SYNCFS)
+    q.ensure()
+    tmpdir, newdir = str(q.dir("tmp")), str(q.dir("new"))
+
+    def slow_syncfs(path: str) -> None:
+        time.sleep(0.02)  # a slow disk: lets files pile up behind one syncfs
+
+    spy.faults["syncfs"] = slow_syncfs  # type: ignore[assignment]
+
+    async def one(i: int) -> None:
+        key = await q.push(MSG + str(i).encode())
+        spy.events.append(("returned", key))
+
+    n = 30
+    await asyncio.gather(*(one(i) for i in range(n)))
+    events = spy.events
+    starts = [i for i, e in enumerate(events) if e == ("syncfs-start", tmpdir)]
+    ends = [i for i, e in enumerate(events) if e == ("syncfs", tmpdir)]
+    assert 0 < len(starts) < n, len(starts)  # one syncfs covered several files
+    syncs = list(zip(starts, ends, strict=True))
+    dir_syncs = list(
+        zip(
+            [i for i, e in enumerate(events) if e == ("fsync-start", newdir)],
+            [i for i, e in enumerate(events) if e == ("fsync", newdir)],
+            strict=True,
+        )
+    )
+    returned = {e[1]: i for i, e in enumerate(events) if e[0] == "returned"}
+    assert len(returned) == n
+    for key, ret in returned.items():
+        wrote = events.index(("write", f"{tmpdir}/{key}"))
+        link = events.index(("link", f"{newdir}/{key}"))
+        assert any(wrote < start and end < link for start, end in syncs), key
+        assert any(link < start and end < ret for start, end in dir_syncs), key
+
+
+@needs_syncfs
+async def test_syncfs_failure_fails_the_batch_and_leaves_nothing(
+    tmp_path: Path, spy: SpyOS
+) -> None:
+    q = MaildirQueue(tmp_path / "q", options=SYNCFS)
+    q.ensure()
+    spy.faults["syncfs"] = lambda p: OSError(errno.EIO, "Input/output error")
+    results = await asyncio.gather(*(q.push(MSG) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, QueueError) for r in results), results
+    assert all("Input/output error" in str(r) for r in results)
+    assert files(q.dir("new")) == [] and files(q.dir("tmp")) == []
+    del spy.faults["syncfs"]
+    assert await q.push(MSG)  # and the queue works again
+
+
 # -- push failures ----------------------------------------------------------------------
 
 
@@ -141,7 +248,7 @@ async def test_group_commit(tmp_path: Path, spy: SpyOS) -> None:
 async def test_write_errors_raise_queue_error_and_leave_nothing(
     tmp_path: Path, spy: SpyOS, op: str, err: int
 ) -> None:
-    q = MaildirQueue(tmp_path / "q")
+    q = MaildirQueue(tmp_path / "q", options=FSYNC if op == "fsync" else None)
     q.ensure()
     tmpdir = str(q.dir("tmp"))
 
@@ -226,19 +333,21 @@ async def test_cancel_push_after_n_loop_iterations(tmp_path: Path, iterations: i
     _assert_none_or_one_whole(q, MSG)
 
 
-@pytest.mark.parametrize("hold", ["file", "dir"])
+@pytest.mark.parametrize("hold", ["file", "dir", "syncfs"])
 async def test_cancel_push_while_the_thread_runs(tmp_path: Path, spy: SpyOS, hold: str) -> None:
-    q = MaildirQueue(tmp_path / "q")
+    if hold == "syncfs" and not writer_module.syncfs_available():
+        pytest.skip("syncfs(2) with error reporting needs Linux >= 5.8")
+    q = MaildirQueue(tmp_path / "q", options=SYNCFS if hold == "syncfs" else FSYNC)
     q.ensure()
     entered, release = threading.Event(), threading.Event()
     target = str(q.dir("new")) if hold == "dir" else str(q.dir("tmp"))
 
     def gate(path: str) -> None:
-        if path.startswith(target) and (hold == "file" or path == target):
+        if path.startswith(target) and (hold != "dir" or path == target):
             entered.set()
             release.wait(10)
 
-    spy.faults["fsync"] = gate  # type: ignore[assignment]
+    spy.faults["syncfs" if hold == "syncfs" else "fsync"] = gate  # type: ignore[assignment]
     task = asyncio.create_task(q.push(MSG))
     assert await asyncio.to_thread(entered.wait, 10)
     task.cancel()

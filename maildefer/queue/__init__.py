@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -92,10 +92,36 @@ class QueueRegistry:
         True
     """
 
-    def __init__(self, *, undeliverable: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        undeliverable: str | os.PathLike[str] | None = None,
+        options: Mapping[str, QueueOptions] | None = None,
+    ) -> None:
         self._backends: dict[str, QueueBackend] = {}
         self._by_ref: dict[str, QueueBackend] = {}
         self._undeliverable = undeliverable
+        # The [queues.NAME] options by absolute path or URL: a handler's Queue("run/posts")
+        # pushes with the options of the table that names that queue (its sync mode).
+        self._options = dict(options or {})
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> QueueRegistry:
+        """A registry whose queues get the options of the ``[queues.NAME]`` naming them.
+
+        Example:
+            >>> from maildefer.settings import Settings
+            >>> s = Settings(root=Path("/srv"), queues={"q": {"path": "run/q", "sync": "fsync"}})
+            >>> QueueRegistry.from_settings(s)._options["/srv/run/q"].sync
+            'fsync'
+        """
+        return cls(
+            undeliverable=settings.resolve(settings.undeliverable.path),
+            options={
+                resolve_queue(settings, name): queue_options(queue)
+                for name, queue in settings.queues.items()
+            },
+        )
 
     @staticmethod
     def _normal(ref: str | os.PathLike[str]) -> str:
@@ -121,6 +147,8 @@ class QueueRegistry:
         key = self._normal(text)
         backend = self._backends.get(key)
         if backend is None:
+            if options is None:
+                options = self._options.get(key)
             backend = open_backend(ref, options=options, undeliverable=self._undeliverable)
             self._backends[key] = backend
         self._by_ref[text] = backend
@@ -276,6 +304,7 @@ def queue_options(queue: QueueSettings) -> QueueOptions:
         shared_fs=queue.shared_fs,
         poll_interval=queue.poll_interval,
         rescan_interval=queue.rescan_interval,
+        sync=queue.sync,
     )
 
 

@@ -44,6 +44,7 @@ class QueueOptions:
     shared_fs: bool = False
     poll_interval: float = 1.0
     rescan_interval: float = 10.0
+    sync: Literal["auto", "fsync", "syncfs"] = "auto"
 
     def backoff(self, attempts: int, *, jitter: float) -> float:
         """Seconds to wait after the ``attempts``-th failure (0-based), jittered and capped.

@@ -49,12 +49,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maildefer.errors import CorruptMessageError, QueueError
+from maildefer.errors import ConfigError, CorruptMessageError, QueueError
 from maildefer.mail import MailRequest, addresses_from_headers
 from maildefer.queue.base import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
 from maildefer.queue.envelope import Envelope, unwrap_fields, wrap
 from maildefer.queue.names import MaildirName, NameGenerator, escape_host
-from maildefer.queue.writer import MaildirWriter, fsync_dir, unlink_quietly
+from maildefer.queue.writer import (
+    MaildirWriter,
+    SyncMode,
+    fsync_dir,
+    syncfs_available,
+    unlink_quietly,
+)
 
 TMP_MAX_AGE = 36 * 3600.0
 """tmp/ files untouched this long are debris of a crashed writer (qmail's maildir(5))."""
@@ -145,6 +151,26 @@ def message_parts(message: Pushable) -> tuple[bytes, Envelope]:
     )
 
 
+def _sync_mode(options: QueueOptions, url: str) -> SyncMode:
+    """The writer's sync mode for a queue's ``sync`` option (``auto``: syncfs where safe).
+
+    Example:
+        >>> _sync_mode(QueueOptions(sync="fsync"), "q")
+        'fsync'
+        >>> _sync_mode(QueueOptions(shared_fs=True), "q")
+        'fsync'
+    """
+    if options.sync == "fsync" or (options.sync == "auto" and options.shared_fs):
+        return "fsync"
+    if syncfs_available():
+        return "syncfs"
+    if options.sync == "syncfs":
+        raise ConfigError(
+            f"queue {url}: sync = 'syncfs' needs Linux 5.8 or later (set sync = 'fsync')"
+        )
+    return "fsync"
+
+
 def _key_time(key: str) -> float | None:
     """When a key made by :class:`NameGenerator` was made, from its ``sec.M<usec>`` part."""
     sec, _, rest = key.partition(".")
@@ -182,21 +208,31 @@ def request_from_file(data: bytes) -> MailRequest:
     )
 
 
-def read_file(path: str) -> bytes:
+def read_file(path: str, *, local: bool = False) -> bytes:
     """A whole file's bytes, with as few system calls as the kernel allows.
 
     ``open(path, "rb").read()`` also makes an ``fstat``, an ``ioctl`` (is it a tty?) and
-    a buffered reader: about 10 µs of a claim here. Reading until ``read`` returns nothing
-    (not until a short read) stays correct where a short read is not the end (NFS).
+    a buffered reader: about 10 µs of a claim here.
+
+    Args:
+        path: the file.
+        local: the file is on a local filesystem, where a read of a regular file returns
+            less than asked only at its end, so a short first read is the whole file
+            (one ``read`` fewer per claim). Otherwise (NFS) it reads until ``read``
+            returns nothing.
 
     Example:
         >>> import pathlib, tempfile; p = pathlib.Path(tempfile.mkdtemp()) / "m"
         >>> _ = p.write_bytes(b"x" * 70000); len(read_file(str(p)))
         70000
+        >>> _ = p.write_bytes(b"x" * 700); len(read_file(str(p), local=True))
+        700
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         data = os.read(fd, _READ_SIZE)
+        if local and len(data) < _READ_SIZE:
+            return data
         more = os.read(fd, _READ_SIZE) if data else b""
         if not more:
             return data
@@ -247,7 +283,9 @@ class MaildirQueue:
         self._ready = False
         self._new = f"{self.path}/new/"
         self._cur = f"{self.path}/cur/"
-        self._writer = MaildirWriter(self.path, self._names, self.url)
+        self._writer = MaildirWriter(
+            self.path, self._names, self.url, sync=_sync_mode(self.options, self.url)
+        )
         self._owner_cache: tuple[int, str] | None = None
 
     # -- layout -------------------------------------------------------------------------
@@ -365,7 +403,7 @@ class MaildirQueue:
         self, name: MaildirName, path: str, attempts: int, recoveries: int
     ) -> Claim | None:
         try:
-            data = read_file(path)
+            data = read_file(path, local=not self.options.shared_fs)
         except FileNotFoundError:
             return None
         try:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -145,6 +146,7 @@ class MaildirFeed:
         self._pass_claims = 0
         self._since_batch = 0
         self._watched_inode: int | None = None
+        self._random = random.Random()
         self._watcher: asyncio.Task[None] | None = None
         self._log = structlog.get_logger("maildefer.queue")
         self.scans = 0
@@ -248,7 +250,11 @@ class MaildirFeed:
                 # and readiness must not wait for the backlog (systemd's start timeout).
                 self.ready.set()
                 if batch is not None:
-                    for name in batch:
+                    # Start at a random point of the batch: workers scanning the same
+                    # new/ then claim different files instead of racing for the same
+                    # ones in the same order (a lost race costs a failed rename).
+                    start = self._random.randrange(len(batch)) if batch else 0
+                    for name in batch[start:] + batch[:start]:
                         self._offer(name)
                     continue
                 self._end_scan()

@@ -44,7 +44,9 @@ def write_handlers(root: Path, source: str = HANDLERS) -> str:
     return name
 
 
-def make_settings(root: Path, module: str, **server: Any) -> Settings:
+def make_settings(
+    root: Path, module: str, *, queues: dict[str, Any] | None = None, **server: Any
+) -> Settings:
     values: dict[str, Any] = {
         "port": 0,
         "hostname": "mx.test",
@@ -52,7 +54,12 @@ def make_settings(root: Path, module: str, **server: Any) -> Settings:
         "grace_period": 5.0,
         **server,
     }
-    return Settings(root=root, server=values, router={"defaults": {"host": r"example\.com"}})
+    return Settings(
+        root=root,
+        server=values,
+        router={"defaults": {"host": r"example\.com"}},
+        queues=queues or {},
+    )
 
 
 @contextlib.asynccontextmanager

@@ -1,6 +1,7 @@
 """An ``os`` stand-in that records (and can fail or hold) the calls the maildir queue makes.
 
-Installed at the seam ``maildefer.queue.maildir.os``; every other attribute is the real
+Installed at the seam ``maildefer.queue.maildir.os`` (and ``writer.os``, with
+:meth:`SpyOS.syncfs` as ``writer.sync_filesystem``); every other attribute is the real
 ``os``. Events are appended from whichever thread makes the call (list.append is atomic),
 so the list is the real order of calls across the executor's threads.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from typing import Any
+
+from maildefer.queue.writer import sync_filesystem
 
 Fault = Callable[[str], BaseException | None]
 
@@ -53,6 +56,14 @@ class SpyOS:
         self._fault("fsync", p)
         os.fsync(fd)
         self.events.append(("fsync", p))
+
+    def syncfs(self, fd: int) -> None:
+        """Stands in for ``maildefer.queue.writer.sync_filesystem`` (the syncfs seam)."""
+        p = self._fds.get(fd, "?")
+        self.events.append(("syncfs-start", p))
+        self._fault("syncfs", p)
+        sync_filesystem(fd)
+        self.events.append(("syncfs", p))
 
     def close(self, fd: int) -> None:
         self._fds.pop(fd, None)
