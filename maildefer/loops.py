@@ -3,10 +3,10 @@
 ``serve`` and ``worker`` run their coroutine through :func:`run`, which picks the loop named by
 ``[runtime] loop`` (or ``--loop``), as uvicorn's ``--loop auto|asyncio|uvloop``:
 
-- ``"asyncio"``: the stdlib loop, exactly what ``asyncio.run`` gives (the default);
+- ``"asyncio"``: the stdlib loop, exactly what ``asyncio.run`` gives;
 - ``"uvloop"``: uvloop (libuv); a :class:`~maildefer.errors.ConfigError` when it is not
   installed (``pip install 'maildefer[uvloop]'``);
-- ``"auto"``: uvloop when it can be imported, else the stdlib loop.
+- ``"auto"`` (the default): uvloop when it can be imported, else the stdlib loop.
 
 uvloop is imported only when chosen, at run time: importing this module (or running
 ``maildefer --help``) never loads it and never changes the process's event loop policy.

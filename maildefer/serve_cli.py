@@ -59,7 +59,7 @@ def with_loop(settings: Settings, loop: str | None) -> Settings:
         >>> with_loop(Settings(), "uvloop").runtime.loop
         'uvloop'
         >>> with_loop(Settings(), None).runtime.loop
-        'asyncio'
+        'auto'
     """
     if loop is None:
         return settings

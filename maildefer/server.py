@@ -276,6 +276,7 @@ class Server:
             port=self.port,
             lmtp=server.lmtp,
             starttls=context is not None,
+            loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
 
     async def _start_metrics(self) -> None:

@@ -231,6 +231,7 @@ class Worker:
                 recovered=report.returned,
                 quarantined=report.quarantined,
                 due=report.due,
+                loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
             )
             claims = self._claims()
             loop = asyncio.get_running_loop()

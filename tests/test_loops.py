@@ -170,7 +170,7 @@ def test_serve_on_uvloop_answers_250_and_queues(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("runtime", "args", "env", "expected"),
     [
-        pytest.param(None, [], {}, STDLIB, id="default-is-asyncio"),
+        pytest.param(None, [], {}, UVLOOP, id="default-is-auto"),
         pytest.param("uvloop", [], {}, UVLOOP, id="setting"),
         pytest.param(None, [], {"MAILDEFER_RUNTIME__LOOP": "uvloop"}, UVLOOP, id="env"),
         pytest.param("uvloop", ["--loop", "asyncio"], {}, STDLIB, id="flag-over-setting"),
@@ -242,13 +242,14 @@ def test_live_worker_on_uvloop_picks_up_a_push_and_stops_on_sigterm(tmp_path: Pa
     assert asyncio.run(queue.count()) == 0
 
 
-def test_worker_burst_setting_asyncio_by_default(tmp_path: Path) -> None:
+def test_worker_burst_on_uvloop_by_default_and_says_so(tmp_path: Path) -> None:
     project = Project(tmp_path)
     queue = MaildirQueue(tmp_path / "run" / "posts")
     asyncio.run(queue.push(MSG))
     result = project.cli("worker", "--queue", "posts", "--burst")
     assert result.returncode == 0, result.stderr.decode()
-    assert project.loops_recorded() == [STDLIB]
+    assert project.loops_recorded() == [UVLOOP]  # "auto", and uvloop is installed here
+    assert '"loop": "uvloop"' in result.stderr.decode()  # in the worker_started line
 
 
 # -- bad values and a missing uvloop: exit 2, one line ---------------------------------------
