@@ -1,16 +1,25 @@
-"""Durable maildir delivery: a few writer threads, and one ``new/`` fsync shared by many.
+"""Durable maildir delivery: a few writer threads, and flushes shared by many pushes.
 
-Measured here (2 cores, sandboxed, ext4), a durable create costs about 0.4 ms for the file
-fsync and 1.3 ms for the directory fsync, and ext4 folds fsyncs that run at the same time
-into one journal commit. So each queue has a small pool of writer threads (started on
-demand, at most ``WRITER_THREADS``) that take pushes from one shared deque and write each
-file (``tmp/`` with ``O_EXCL``, write, fsync, ``link`` into ``new/``) in parallel. The
-directory fsync is a group commit with no fixed wait: a thread that has linked a file and
-finds no ``new/`` fsync running starts one, covering every link made so far; links made
-while it runs wait for the next one, which the same thread starts as soon as the first
-ends. Each fsync hands its keys back to the event loop with one wake-up. No push returns
-before its own link is covered by a directory fsync that began after it (RELIABILITY.md
-R1).
+Each queue has a small pool of writer threads (started on demand, at most
+``WRITER_THREADS``) that take pushes from one shared deque and create each file in
+``tmp/`` (``O_EXCL``) in parallel. How the files are made durable is the queue's ``sync``
+mode; both keep RELIABILITY.md R1's order (the file's data on disk, then its ``link``
+into ``new/``, then that entry on disk, then the push returns):
+
+- ``fsync``: each thread fsyncs its file and links it; the ``new/`` fsync is a group
+  commit with no fixed wait: a thread that has linked a file and finds no ``new/`` fsync
+  running starts one, covering every link made so far; links made while it runs wait for
+  the next one, which the same thread starts as soon as the first ends.
+- ``syncfs`` (Linux >= 5.8, the default there unless ``shared_fs``): files are written
+  without an fsync each; one committer at a time flushes every file written so far with
+  one ``syncfs(2)``, links them, and the next ``syncfs`` (or a ``new/`` fsync when no file
+  is waiting) puts those links on disk: pipelined, one flush per batch under load. It
+  flushes the whole filesystem the queue lives on, so other writers' dirty data there
+  adds to its time. Measured here (bench/bench_queue.py, 10 pushers), 1.0-2.0x the pushes
+  per second of ``fsync`` mode on this disk's ext4 without a journal; on a journaled ext4
+  the two are within 10 % (docs/benchmarks.md).
+
+Each flush hands its keys back to the event loop with one wake-up.
 
 A caller cancelled while its message is being written gets nothing back, but the thread
 finishes the write or cleans it up: there is one whole message in ``new/`` or none, never
@@ -257,31 +266,68 @@ class MaildirWriter:
                 self._syncing = True
             self._commit_linked()
 
-    def _sync_and_link(self, batch: list[_Push]) -> None:
-        """In syncfs mode: flush the batch's tmp/ files with one ``syncfs``, then link them."""
-        created = [p for p in batch if p.tmp is not None]
-        if not created:
-            return
-        try:
-            if self._sync_fd is None:
-                # Kept open: syncfs reports the writeback errors met since this fd was
-                # opened, so an error the kernel hit between two batches is still seen.
-                self._sync_fd = os.open(
-                    self._tmp.rstrip("/"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-                )
-            sync_filesystem(self._sync_fd)
-        except OSError as exc:
-            error = self._error(exc)
-            for push in created:
-                unlink_quietly(str(push.tmp))
-                push.tmp, push.error = None, error
-            return
-        for push in created:
-            try:
-                push.key = self._link(str(push.tmp))
-            except BaseException as exc:
-                push.error = exc
-            push.tmp = None
+    def _commit_syncfs(self) -> None:
+        """Commit in syncfs mode: one ``syncfs`` per batch, pipelined, until nothing is left.
+
+        Each ``syncfs`` flushes the data of the files created since the last one (then
+        they are linked into ``new/``) and, with them, the ``new/`` entries of the batch
+        linked before it: those pushes return. Under a steady load that is one flush per
+        batch; when no new file is waiting, one ``new/`` fsync returns the last batch.
+        """
+        carry: list[_Push] = []  # linked into new/; the entries are not known on disk yet
+        while True:
+            with self._lock:
+                batch = self._linked
+                self._linked = []
+                if not batch and not carry:
+                    self._syncing = False
+                    return
+            created = [p for p in batch if p.tmp is not None]
+            if created:
+                try:
+                    self._syncfs()
+                except OSError as exc:
+                    error = self._error(exc)
+                    for push in created:
+                        unlink_quietly(str(push.tmp))
+                        push.tmp, push.error = None, error
+                    self._take_back(carry, error)
+                else:
+                    for push in created:
+                        try:
+                            push.key = self._link(str(push.tmp))
+                        except BaseException as exc:
+                            push.error = exc
+                        push.tmp = None
+            elif carry:
+                try:
+                    fsync_dir(self._new_dir)
+                except OSError as exc:
+                    self._take_back(carry, self._error(exc))
+            if carry:
+                _hand_back(carry)
+            carry = [p for p in batch if p.key is not None]
+            failed = [p for p in batch if p.key is None]
+            if failed:
+                _hand_back(failed)  # errors, and pushes cancelled before they began
+
+    def _syncfs(self) -> None:
+        if self._sync_fd is None:
+            # Kept open: syncfs reports the writeback errors met since this fd was
+            # opened, so an error the kernel hit between two batches is still seen.
+            self._sync_fd = os.open(
+                self._tmp.rstrip("/"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            )
+        sync_filesystem(self._sync_fd)
+
+    def _take_back(self, linked: list[_Push], error: QueueError) -> None:
+        """Fail pushes whose links may not survive a crash, and take the links out.
+
+        The sender's retry is then the only copy.
+        """
+        for push in linked:
+            unlink_quietly(self._new + str(push.key))
+            push.key, push.error = None, error
 
     def _create(self, data: bytes) -> str:
         """Write ``data`` to a new file in tmp/ (O_EXCL), not synced; returns its path."""
@@ -335,11 +381,10 @@ class MaildirWriter:
         return error
 
     def _commit_linked(self) -> None:
-        """Fsync ``new/`` for everything linked so far, again until nothing is left.
-
-        In syncfs mode the files of the batch are not linked yet: one ``syncfs`` puts
-        all of them on disk first, then they are linked, then ``new/`` is fsync'd.
-        """
+        """Fsync ``new/`` for everything linked so far, again until nothing is left."""
+        if self.sync == "syncfs":
+            self._commit_syncfs()
+            return
         while True:
             with self._lock:
                 batch = self._linked
@@ -347,20 +392,12 @@ class MaildirWriter:
                     self._syncing = False
                     return
                 self._linked = []
-            if self.sync == "syncfs":
-                self._sync_and_link(batch)
             written = [p for p in batch if p.key is not None]
             if written:
                 try:
                     fsync_dir(self._new_dir)
                 except OSError as exc:
-                    # The links may not survive a crash: take them out, so the sender's
-                    # retry is the only copy, and fail every push this fsync was to cover.
-                    error = QueueError(f"{self.label}: push failed: {exc.strerror or exc}")
-                    error.__cause__ = exc
-                    for push in written:
-                        unlink_quietly(self._new + str(push.key))
-                        push.key, push.error = None, error
+                    self._take_back(written, self._error(exc))
             _hand_back(batch)
 
     def write_now(self, data: bytes) -> str:
