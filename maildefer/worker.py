@@ -47,7 +47,7 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from structlog.contextvars import bind_contextvars
@@ -155,6 +155,10 @@ class Worker:
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._running: dict[asyncio.Task[None], Claim] = {}
+        # Handler deadlines, checked by one timer task (_expire_overdue) instead of an
+        # asyncio.timeout per message: that cost 8 % of a no-op drain (docs/benchmarks.md).
+        self._deadlines: dict[asyncio.Task[None], float] = {}
+        self._expired: set[asyncio.Task[None]] = set()
         self._releasing: dict[asyncio.Task[None], Claim] = {}
         # Seconds before a claim whose ack/retry/bury failed goes back to new/.
         self.release_delay = 5.0
@@ -238,6 +242,7 @@ class Worker:
             pull: asyncio.Task[object] = loop.create_task(self._pull(claims))
             stop: asyncio.Task[object] = loop.create_task(self._stopping.wait())
             heartbeat = self._start_heartbeat()
+            expiry = loop.create_task(self._expire_overdue())
             try:
                 await asyncio.wait([pull, stop], return_when=asyncio.FIRST_COMPLETED)
                 if pull.done() and _failure(pull) is None:
@@ -254,6 +259,7 @@ class Worker:
                 if heartbeat is not None:
                     await _cancel(heartbeat)
                 await self._drain(grace=0.0)
+                await _cancel(expiry)
                 await self._release_now()
                 await _aclose(claims)
                 self._log.info("worker_stopped", **asdict(self.stats))
@@ -298,10 +304,13 @@ class Worker:
                 raise
             task = loop.create_task(self._handle(claim))
             self._running[task] = claim
+            self._deadlines[task] = loop.time() + self.handler_timeout
             task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
+        self._deadlines.pop(task, None)
+        self._expired.discard(task)
         self._slots.release()
         if not task.cancelled() and task.exception() is not None:
             self._log.error("handler_task_failed", error=repr(task.exception()))
@@ -319,6 +328,37 @@ class Worker:
             task.cancel()
         if late:
             await asyncio.wait(late)
+
+    async def _expire_overdue(self) -> None:
+        """Cancel the handlers that ran past ``handler_timeout`` (they are retried).
+
+        Checked every twentieth of the timeout (at most every second), so a handler may
+        run up to that much longer than its timeout.
+        """
+        loop = asyncio.get_running_loop()
+        every = min(1.0, max(0.005, self.handler_timeout / 20))
+        while True:
+            await asyncio.sleep(every)
+            now = loop.time()
+            for task, deadline in list(self._deadlines.items()):
+                if now >= deadline and task not in self._expired and not task.done():
+                    self._expired.add(task)
+                    task.cancel()
+
+    def _handler_ended(self, task: asyncio.Task[Any] | None) -> bool:
+        """A handler task's handlers ended: no deadline any more. Was it the timeout?
+
+        Called before the task awaits anything else (the ack, the retry), so the timer
+        task cannot cancel those. A cancellation that was the timeout is undone.
+        """
+        if task is None:
+            return False
+        self._deadlines.pop(task, None)
+        if task not in self._expired:
+            return False
+        self._expired.discard(task)
+        task.uncancel()  # the rest of the task (retry) runs as usual
+        return True
 
     def _start_heartbeat(self) -> asyncio.Task[object] | None:
         """In shared-fs mode, renew in-flight claims' leases so peers do not recover them."""
@@ -350,36 +390,43 @@ class Worker:
         latency = None if queued_at is None else (started - queued_at) * 1000
         t0 = time.perf_counter()
         outcome, error = "ok", None
-        timer = asyncio.timeout(self.handler_timeout)
         gauges = self._instruments
         if gauges is not None and claim.attempts == 0 and queued_at is not None:
             # First attempts only: a retry's key time is its first push, and its
             # backoff would swamp the push-to-claim latency the histogram shows.
             gauges.pickup.observe(max(0.0, started - queued_at))
+        task = asyncio.current_task()
         try:
-            async with timer:
-                if gauges is None:
+            if gauges is None:
+                await self.deliver(claim.message)
+            else:
+                gauges.in_flight.inc()
+                try:
                     await self.deliver(claim.message)
-                else:
-                    gauges.in_flight.inc()
-                    try:
-                        await self.deliver(claim.message)
-                    finally:
-                        gauges.in_flight.dec()
-                        gauges.seconds.observe(time.perf_counter() - t0)
+                finally:
+                    gauges.in_flight.dec()
+                    gauges.seconds.observe(time.perf_counter() - t0)
         except asyncio.CancelledError:
-            # Only the shutdown cancels a handler (past the grace period).
-            await asyncio.shield(self._finish(claim, "released", None))
-            self._line("released", t0, latency, None)
-            raise
+            if not self._handler_ended(task):
+                # Otherwise only the shutdown cancels a handler (past the grace period).
+                await asyncio.shield(self._finish(claim, "released", None))
+                self._line("released", t0, latency, None)
+                raise
+            outcome, error = "retry", f"handler timed out after {self.handler_timeout:g} s"
         except NoRouteError as exc:
+            self._handler_ended(task)
             outcome, error = "buried", _error_text(exc)
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and timer.expired():
-                error = f"handler timed out after {self.handler_timeout:g} s"
-            else:
-                error = _error_text(exc)
+            # A failure; or the timeout's cancellation, turned by the handler into an error.
+            timed_out = self._handler_ended(task)
+            error = (
+                f"handler timed out after {self.handler_timeout:g} s"
+                if timed_out
+                else _error_text(exc)
+            )
             outcome = "retry"
+        else:
+            self._handler_ended(task)
         outcome = await self._finish(claim, outcome, error)
         self._line(outcome, t0, latency, error)
 

@@ -302,6 +302,60 @@ async def test_handler_timeout_counts_as_a_failure(tmp_path: Path) -> None:
     assert record is not None and "timed out after 0.1 s" in record["error"]
 
 
+async def test_handler_timeout_never_cuts_the_ack(tmp_path: Path) -> None:
+    """The timeout covers the handlers only: a slow ack after them still completes."""
+
+    class SlowAck(MaildirQueue):
+        async def ack(self, claim: Any) -> None:
+            await asyncio.sleep(0.3)  # past the handler's deadline
+            await super().ack(claim)
+
+    q = SlowAck(tmp_path / "q", undeliverable=tmp_path / "dead")
+    await q.push(message(1))
+
+    async def deliver(m: MailRequest) -> None:
+        await asyncio.sleep(0.05)
+
+    stats = await Worker(q, deliver, burst=True, handler_timeout=0.1).run()
+    assert (stats.handled, stats.failed, stats.released) == (1, 0, 0)
+    assert await q.count() == 0
+
+
+async def test_handler_that_swallows_the_timeout_is_still_a_timeout(tmp_path: Path) -> None:
+    opts = QueueOptions(max_attempts=1)
+    q = MaildirQueue(tmp_path / "q", options=opts, undeliverable=tmp_path / "dead")
+    key = await q.push(message(1))
+
+    async def deliver(m: MailRequest) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise RuntimeError("cleanup failed") from None
+
+    started = time.monotonic()
+    stats = await Worker(q, deliver, burst=True, handler_timeout=0.1).run()
+    assert time.monotonic() - started < 5  # cancelled at its deadline, not after 10 s
+    assert stats.buried == 1
+    record = MaildirQueue(tmp_path / "dead").error_record(key)
+    assert record is not None and "timed out after 0.1 s" in record["error"]
+
+
+async def test_each_handler_gets_its_own_deadline(tmp_path: Path) -> None:
+    """Handlers started later are not cut by an earlier handler's deadline."""
+    q = MaildirQueue(tmp_path / "q", undeliverable=tmp_path / "dead")
+    for i in range(6):
+        await q.push(message(i))
+    done: list[float] = []
+
+    async def deliver(m: MailRequest) -> None:
+        await asyncio.sleep(0.12)  # each under the 0.2 s timeout; 6 in a row are not
+        done.append(time.monotonic())
+
+    stats = await Worker(q, deliver, burst=True, concurrency=1, handler_timeout=0.2).run()
+    assert (stats.handled, stats.failed) == (6, 0)
+    assert len(done) == 6
+
+
 async def test_stop_finishes_in_flight_and_releases_past_the_grace(tmp_path: Path) -> None:
     q = MaildirQueue(tmp_path / "q")
     fast = await q.push(message(1))
