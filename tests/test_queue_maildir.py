@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -95,21 +96,39 @@ async def test_push_syscall_order(tmp_path: Path, spy: SpyOS) -> None:
     assert files(q.dir("tmp")) == []
 
 
+def hold_first_flush(spy: SpyOS, tmpdir: str, n: int) -> Callable[[str], None]:
+    """A fault that holds the first flush of a tmp/ file until ``n`` files are written.
+
+    The first push is then flushed alone while the other ``n - 1`` are written: they
+    form one batch, which syncfs mode flushes with one ``syncfs``.
+    """
+
+    def gate(path: str) -> None:
+        if path.startswith(tmpdir):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                written = [e for e in spy.events if e[0] == "write" and e[1].startswith(tmpdir)]
+                if len(written) >= n:
+                    return
+                time.sleep(0.001)
+
+    return gate
+
+
 @needs_syncfs
-async def test_push_syscall_order_syncfs(tmp_path: Path, spy: SpyOS) -> None:
+async def test_lone_push_in_syncfs_mode_is_flushed_by_its_own_fsync(
+    tmp_path: Path, spy: SpyOS
+) -> None:
     q = MaildirQueue(tmp_path / "q", options=SYNCFS)
     key = await q.push(MSG)
     spy.events.append(("returned", key))
-    tmp, new = str(q.dir("tmp") / key), str(q.dir("new") / key)
-    tmpdir, newdir = str(q.dir("tmp")), str(q.dir("new"))
-    ours = [e for e in spy.events if e[1] in (tmp, new, tmpdir, newdir, key)]
-    # The file's data reaches the disk (syncfs, begun after its write) before its name
-    # is in new/, and the name (dir fsync, begun after the link) before push returns.
+    tmp, new, newdir = str(q.dir("tmp") / key), str(q.dir("new") / key), str(q.dir("new"))
+    ours = [e for e in spy.events if e[1] in (tmp, new, newdir, key)]
     order = [
         ("open", tmp),
         ("write", tmp),
-        ("syncfs-start", tmpdir),
-        ("syncfs", tmpdir),
+        ("fsync-start", tmp),
+        ("fsync", tmp),
         ("link", new),
         ("fsync-start", newdir),
         ("fsync", newdir),
@@ -117,7 +136,7 @@ async def test_push_syscall_order_syncfs(tmp_path: Path, spy: SpyOS) -> None:
     ]
     positions = [ours.index(e) for e in order]
     assert positions == sorted(positions), ours
-    assert ("fsync", tmp) not in ours  # the one syncfs stands for the per-file fsync
+    assert not [e for e in spy.events if e[0].startswith("syncfs")]  # one file: no syncfs
     assert ours.index(("unlink", tmp)) < ours.index(("returned", key))
     assert files(q.dir("tmp")) == []
 
@@ -190,42 +209,37 @@ async def test_group_commit_syncfs(tmp_path: Path, spy: SpyOS) -> None:
     q = MaildirQueue(tmp_path / "q", options=SYNCFS)
     q.ensure()
     tmpdir, newdir = str(q.dir("tmp")), str(q.dir("new"))
-
-    def slow_syncfs(path: str) -> None:
-        time.sleep(0.02)  # a slow disk: lets files pile up behind one syncfs
-
-    spy.faults["syncfs"] = slow_syncfs  # type: ignore[assignment]
+    n = 12
+    gate = hold_first_flush(spy, tmpdir, n)
+    spy.faults["fsync"] = gate  # type: ignore[assignment]
+    spy.faults["syncfs"] = gate  # type: ignore[assignment]
 
     async def one(i: int) -> None:
         key = await q.push(MSG + str(i).encode())
         spy.events.append(("returned", key))
 
-    n = 30
     await asyncio.gather(*(one(i) for i in range(n)))
     events = spy.events
-    starts = [i for i, e in enumerate(events) if e == ("syncfs-start", tmpdir)]
-    ends = [i for i, e in enumerate(events) if e == ("syncfs", tmpdir)]
-    assert 0 < len(starts) < n, len(starts)  # one syncfs covered several files
-    syncs = list(zip(starts, ends, strict=True))
-    dir_syncs = list(
-        zip(
-            [i for i, e in enumerate(events) if e == ("fsync-start", newdir)],
-            [i for i, e in enumerate(events) if e == ("fsync", newdir)],
-            strict=True,
-        )
-    )
+
+    def spans(op: str, path: str) -> list[tuple[int, int]]:
+        starts = [i for i, e in enumerate(events) if e == (f"{op}-start", path)]
+        ends = [i for i, e in enumerate(events) if e == (op, path)]
+        return list(zip(starts, ends, strict=True))
+
+    syncs, dir_syncs = spans("syncfs", tmpdir), spans("fsync", newdir)
+    assert 0 < len(syncs) < n - 1, len(syncs)  # one syncfs covered several files
     returned = {e[1]: i for i, e in enumerate(events) if e[0] == "returned"}
     assert len(returned) == n
     for key, ret in returned.items():
-        wrote = events.index(("write", f"{tmpdir}/{key}"))
+        tmp = f"{tmpdir}/{key}"
+        wrote = events.index(("write", tmp))
         link = events.index(("link", f"{newdir}/{key}"))
-        # Its data flushed before its name is in new/; its name flushed (by the next
-        # batch's syncfs, or a new/ fsync when no batch follows) before it returns.
-        assert any(wrote < start and end < link for start, end in syncs), key
+        # Its data flushed (a syncfs begun after its write, or its own fsync) before its
+        # name is in new/; its name flushed (the next batch's syncfs, or a new/ fsync)
+        # before it returns.
+        flushes = syncs + spans("fsync", tmp)
+        assert any(wrote < start and end < link for start, end in flushes), key
         assert any(link < start and end < ret for start, end in syncs + dir_syncs), key
-    # Pipelined: the syncfs of one batch also covers the links of the one before, so a
-    # new/ fsync is needed only when no batch follows (far fewer than one per syncfs).
-    assert len(dir_syncs) < len(syncs), (len(dir_syncs), len(syncs))
 
 
 @needs_syncfs
@@ -234,12 +248,21 @@ async def test_syncfs_failure_fails_the_batch_and_leaves_nothing(
 ) -> None:
     q = MaildirQueue(tmp_path / "q", options=SYNCFS)
     q.ensure()
-    spy.faults["syncfs"] = lambda p: OSError(errno.EIO, "Input/output error")
+    tmpdir = str(q.dir("tmp"))
+    gate = hold_first_flush(spy, tmpdir, 5)
+
+    def fail(path: str) -> OSError | None:
+        gate(path)
+        return OSError(errno.EIO, "Input/output error") if path.startswith(tmpdir) else None
+
+    spy.faults["syncfs"] = fail
+    spy.faults["fsync"] = fail  # the first push is flushed alone, by its own fsync
     results = await asyncio.gather(*(q.push(MSG) for _ in range(5)), return_exceptions=True)
     assert all(isinstance(r, QueueError) for r in results), results
     assert all("Input/output error" in str(r) for r in results)
+    assert ("syncfs-start", tmpdir) in spy.events  # the other four, as one batch
     assert files(q.dir("new")) == [] and files(q.dir("tmp")) == []
-    del spy.faults["syncfs"]
+    del spy.faults["syncfs"], spy.faults["fsync"]
     assert await q.push(MSG)  # and the queue works again
 
 
@@ -338,21 +361,21 @@ async def test_cancel_push_after_n_loop_iterations(tmp_path: Path, iterations: i
     _assert_none_or_one_whole(q, MSG)
 
 
-@pytest.mark.parametrize("hold", ["file", "dir", "syncfs"])
+@pytest.mark.parametrize("hold", ["file", "dir", "syncfs-file", "syncfs-dir"])
 async def test_cancel_push_while_the_thread_runs(tmp_path: Path, spy: SpyOS, hold: str) -> None:
-    if hold == "syncfs" and not writer_module.syncfs_available():
+    if hold.startswith("syncfs") and not writer_module.syncfs_available():
         pytest.skip("syncfs(2) with error reporting needs Linux >= 5.8")
-    q = MaildirQueue(tmp_path / "q", options=SYNCFS if hold == "syncfs" else FSYNC)
+    q = MaildirQueue(tmp_path / "q", options=SYNCFS if hold.startswith("syncfs") else FSYNC)
     q.ensure()
     entered, release = threading.Event(), threading.Event()
-    target = str(q.dir("new")) if hold == "dir" else str(q.dir("tmp"))
+    target = str(q.dir("new")) if hold.endswith("dir") else str(q.dir("tmp"))
 
     def gate(path: str) -> None:
-        if path.startswith(target) and (hold != "dir" or path == target):
+        if path.startswith(target) and (not hold.endswith("dir") or path == target):
             entered.set()
             release.wait(10)
 
-    spy.faults["syncfs" if hold == "syncfs" else "fsync"] = gate  # type: ignore[assignment]
+    spy.faults["fsync"] = gate  # type: ignore[assignment]
     task = asyncio.create_task(q.push(MSG))
     assert await asyncio.to_thread(entered.wait, 10)
     task.cancel()

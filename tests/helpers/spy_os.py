@@ -39,7 +39,7 @@ class SpyOS:
         self._fault("open", p)
         fd = os.open(path, flags, mode)
         self._fds[fd] = p
-        self.flags[p] = flags
+        self.flags.setdefault(p, flags)  # the creating open's flags, not a later reopen
         self.events.append(("open", p))
         return fd
 
