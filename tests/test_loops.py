@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers.daemon import stops_cleanly
 from helpers.smtp_server import queued
 
 from maildefer import loops
@@ -117,18 +118,6 @@ class Project:
         return [line.split("\t")[0] for line in self.record.read_text().splitlines()]
 
 
-def listening_port(proc: subprocess.Popen[bytes]) -> int:
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        if line.startswith(b"{") and json.loads(line).get("event") == "listening":
-            return int(json.loads(line)["port"])
-    raise AssertionError("serve did not start")
-
-
 def serve_one_message(project: Project, *args: str, hide_uvloop: bool = False, **env: str) -> str:
     """Start serve, send one message (250), stop it with SIGTERM (exit 0); the loop it used."""
     proc = subprocess.Popen(
@@ -138,22 +127,12 @@ def serve_one_message(project: Project, *args: str, hide_uvloop: bool = False, *
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
     )
-    try:
-        port = listening_port(proc)
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-            client.ehlo("c")
-            client.mail("a@b.org")
-            assert client.rcpt("post@example.com")[0] == 250
-            code, _ = client.data(MSG)
-            assert code == 250
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+    with stops_cleanly(proc) as port, smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("c")
+        client.mail("a@b.org")
+        assert client.rcpt("post@example.com")[0] == 250
+        code, _ = client.data(MSG)
+        assert code == 250
     [message] = queued(project.root / "run" / "posts")
     assert message.raw == MSG and message.rcpt_tos == ["post@example.com"]
     [kind] = project.loops_recorded()

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.daemon import listening_port, stops_cleanly
 from helpers.smtp_server import make_settings, queued, running, write_handlers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,19 +75,6 @@ def serve(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
-
-
-def listening_port(proc: subprocess.Popen[bytes]) -> int:
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        event = json.loads(line)
-        if event.get("event") == "listening":
-            return int(event["port"])
-    raise AssertionError("serve did not start")
 
 
 def test_sigterm_during_handler_client_gets_250_exit_0(
@@ -184,17 +172,10 @@ def test_log_command_queues_everything(tmp_path: Path) -> None:
         [sys.executable, "-m", "maildefer", "log", "--port", "0", "--queue", "run/queue"],
         cwd=tmp_path, env=environ(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
     )  # fmt: skip
-    try:
-        port = listening_port(proc)
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-            assert client.sendmail("a@b.org", ["anyone@anywhere.net", "b@c.org"], MSG) == {}
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+    with (
+        stops_cleanly(proc, signal.SIGINT) as port,
+        smtplib.SMTP("127.0.0.1", port, timeout=30) as client,
+    ):
+        assert client.sendmail("a@b.org", ["anyone@anywhere.net", "b@c.org"], MSG) == {}
     [message] = queued(tmp_path / "run" / "queue")
     assert message.raw == MSG and message.rcpt_tos == ["anyone@anywhere.net", "b@c.org"]
