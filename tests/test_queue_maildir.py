@@ -75,8 +75,16 @@ async def test_key_format_and_escaped_host(tmp_path: Path, spy: SpyOS) -> None:
     assert flags & os.O_EXCL and flags & os.O_CREAT and not flags & os.O_TRUNC
 
 
-async def test_push_syscall_order(tmp_path: Path, spy: SpyOS) -> None:
-    q = MaildirQueue(tmp_path / "q", options=FSYNC)
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param(FSYNC, id="fsync"),
+        # In syncfs mode a lone push (a batch of one file) is flushed by its own fsync.
+        pytest.param(SYNCFS, id="syncfs-lone-push", marks=needs_syncfs),
+    ],
+)
+async def test_push_syscall_order(tmp_path: Path, spy: SpyOS, options: QueueOptions) -> None:
+    q = MaildirQueue(tmp_path / "q", options=options)
     key = await q.push(MSG)
     spy.events.append(("returned", key))
     tmp, new, newdir = str(q.dir("tmp") / key), str(q.dir("new") / key), str(q.dir("new"))
@@ -84,6 +92,7 @@ async def test_push_syscall_order(tmp_path: Path, spy: SpyOS) -> None:
     order = [
         ("open", tmp),
         ("write", tmp),
+        ("fsync-start", tmp),
         ("fsync", tmp),
         ("link", new),
         ("fsync-start", newdir),
@@ -92,6 +101,7 @@ async def test_push_syscall_order(tmp_path: Path, spy: SpyOS) -> None:
     ]
     positions = [ours.index(e) for e in order]
     assert positions == sorted(positions), ours
+    assert not [e for e in spy.events if e[0].startswith("syncfs")]  # one file: no syncfs
     assert ours.index(("unlink", tmp)) < ours.index(("returned", key))
     assert files(q.dir("tmp")) == []
 
@@ -113,32 +123,6 @@ def hold_first_flush(spy: SpyOS, tmpdir: str, n: int) -> Callable[[str], None]:
                 time.sleep(0.001)
 
     return gate
-
-
-@needs_syncfs
-async def test_lone_push_in_syncfs_mode_is_flushed_by_its_own_fsync(
-    tmp_path: Path, spy: SpyOS
-) -> None:
-    q = MaildirQueue(tmp_path / "q", options=SYNCFS)
-    key = await q.push(MSG)
-    spy.events.append(("returned", key))
-    tmp, new, newdir = str(q.dir("tmp") / key), str(q.dir("new") / key), str(q.dir("new"))
-    ours = [e for e in spy.events if e[1] in (tmp, new, newdir, key)]
-    order = [
-        ("open", tmp),
-        ("write", tmp),
-        ("fsync-start", tmp),
-        ("fsync", tmp),
-        ("link", new),
-        ("fsync-start", newdir),
-        ("fsync", newdir),
-        ("returned", key),
-    ]
-    positions = [ours.index(e) for e in order]
-    assert positions == sorted(positions), ours
-    assert not [e for e in spy.events if e[0].startswith("syncfs")]  # one file: no syncfs
-    assert ours.index(("unlink", tmp)) < ours.index(("returned", key))
-    assert files(q.dir("tmp")) == []
 
 
 async def test_sync_auto_is_syncfs_where_it_reports_errors(tmp_path: Path) -> None:
