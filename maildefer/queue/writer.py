@@ -123,11 +123,7 @@ def fsync_dir(path: str | Path) -> None:
     Example:
         >>> import tempfile; fsync_dir(tempfile.mkdtemp())
     """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_by_name(path, os.O_DIRECTORY)
 
 
 def fsync_file(path: str) -> None:
@@ -136,7 +132,11 @@ def fsync_file(path: str) -> None:
     Example:
         >>> import tempfile; fsync_file(tempfile.mkstemp()[1])
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    _fsync_by_name(path, 0)
+
+
+def _fsync_by_name(path: str | Path, flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
@@ -370,8 +370,8 @@ class MaildirWriter:
             unlink_quietly(self._new + str(push.key))
             push.key, push.error = None, error
 
-    def _create(self, data: bytes) -> str:
-        """Write ``data`` to a new file in tmp/ (O_EXCL), not synced; returns its path."""
+    def _create(self, data: bytes, *, sync: bool = False) -> str:
+        """Write ``data`` to a new file in tmp/ (O_EXCL), fsync'd if ``sync``; its path."""
         for _ in range(100):
             tmp = self._tmp + self._names.next_key()
             try:
@@ -383,6 +383,8 @@ class MaildirWriter:
             try:
                 try:
                     _write_all(fd, data)
+                    if sync:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
             except OSError as exc:
@@ -451,35 +453,7 @@ class MaildirWriter:
             >>> MaildirWriter.write_now.__name__
             'write_now'
         """
-        for _ in range(100):
-            key = self._names.next_key()
-            tmp = self._tmp + key
-            try:
-                fd = os.open(tmp, _CREATE, 0o600)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise QueueError(f"{self.label}: push failed: {exc.strerror or exc}") from exc
-            try:
-                try:
-                    _write_all(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                # link, not rename: an existing name in new/ is never overwritten.
-                os.link(tmp, self._new + key)
-            except FileExistsError:
-                os.unlink(tmp)
-                continue
-            except OSError as exc:
-                unlink_quietly(tmp)
-                raise QueueError(f"{self.label}: push failed: {exc.strerror or exc}") from exc
-            except BaseException:
-                unlink_quietly(tmp)
-                raise
-            unlink_quietly(tmp)
-            return key
-        raise QueueError(f"{self.label}: push failed: could not find a free name")
+        return self._link(self._create(data, sync=True))
 
     async def close(self) -> None:
         """Finish the pushes in flight and stop the threads (a later push starts them again).
