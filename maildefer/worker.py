@@ -393,7 +393,6 @@ class Worker:
         queued_at = claim.queued_at
         latency = None if queued_at is None else (started - queued_at) * 1000
         t0 = time.perf_counter()
-        outcome, error = "ok", None
         gauges = self._instruments
         if gauges is not None and claim.attempts == 0 and queued_at is not None:
             # First attempts only: a retry's key time is its first push, and its
@@ -409,27 +408,26 @@ class Worker:
                 finally:
                     gauges.in_flight.dec()
                     gauges.seconds.observe(time.perf_counter() - t0)
-        except asyncio.CancelledError:
-            if not self._handler_ended(claim):
-                # Otherwise only the shutdown cancels a handler (past the grace period).
-                await asyncio.shield(self._finish(claim, "released", None))
-                self._line("released", t0, latency, None)
-                raise
+            failure: BaseException | None = None
+        except (asyncio.CancelledError, Exception) as exc:
+            failure = exc
+        # Before any other await (the ack, the retry), so the timer task cannot cancel those.
+        timed_out = self._handler_ended(claim)
+        if failure is None:
+            outcome, error = "ok", None
+        elif isinstance(failure, asyncio.CancelledError) and not timed_out:
+            # Only the shutdown cancels a handler otherwise (past the grace period).
+            await asyncio.shield(self._finish(claim, "released", None))
+            self._line("released", t0, latency, None)
+            raise failure
+        elif isinstance(failure, NoRouteError):
+            outcome, error = "buried", _error_text(failure)
+        elif timed_out:
+            # Cancelled at its deadline (or the handler turned that into another error).
             outcome, error = "retry", f"handler timed out after {self.handler_timeout:g} s"
-        except NoRouteError as exc:
-            self._handler_ended(claim)
-            outcome, error = "buried", _error_text(exc)
-        except Exception as exc:
-            # A failure; or the timeout's cancellation, turned by the handler into an error.
-            timed_out = self._handler_ended(claim)
-            error = (
-                f"handler timed out after {self.handler_timeout:g} s"
-                if timed_out
-                else _error_text(exc)
-            )
-            outcome = "retry"
         else:
-            self._handler_ended(claim)
+            outcome, error = "retry", _error_text(failure)
+        del failure  # its traceback holds this frame: no cycle left for the GC per failure
         outcome = await self._finish(claim, outcome, error)
         self._line(outcome, t0, latency, error)
 
