@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from helpers.ops import Notify
 
 CORPUS_DIR = Path("/work/shared/corpus")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -58,3 +61,24 @@ def run_cli(tmp_path: Path) -> RunCli:
         )
 
     return run
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[Notify]:
+    """A stand-in for systemd's notify socket (``NOTIFY_SOCKET``) in ``tmp_path``."""
+    n = Notify(tmp_path / "notify")
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def fast_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on tmpfs when there is one: the big bursts measure the worker, not ext4."""
+    if not os.path.isdir("/dev/shm"):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="maildefer-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -12,10 +12,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers.ops import Notify, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from maildefer.queue.maildir import MaildirQueue
@@ -77,56 +77,6 @@ def push(queue: MaildirQueue, *subjects: str) -> None:
             await queue.push(message(subject))
 
     asyncio.run(main())
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.01)
-
-
-class Notify:
-    """A datagram socket standing in for systemd's notify socket; remembers every field."""
-
-    def __init__(self, path: Path) -> None:
-        assert len(str(path)) < 100, "AF_UNIX paths are short"
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.fields: list[str] = []
-
-    def wait(self, field: str, *, count: int = 1, timeout: float = 20.0) -> str:
-        """Receive until ``count`` lines starting with ``field`` came; the last one's datagram."""
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = [f for f in self.fields if f.startswith(field)]
-            if len(seen) >= count:
-                return seen[count - 1]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {field!r} x{count} in {self.fields}")
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(4096).decode()
-            except TimeoutError:
-                continue
-            lines = data.split("\n")
-            self.fields.extend("\n".join([line, *lines]) for line in lines)
-
-    def count(self, field: str) -> int:
-        return len([f for f in self.fields if f.startswith(field)])
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[Notify]:
-    n = Notify(tmp_path / "notify")
-    yield n
-    n.close()
 
 
 class WorkerProcess:

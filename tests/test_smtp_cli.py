@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.daemon import listening_port, stops_cleanly
+from helpers.daemon import listening_port, reap, stops_cleanly
 from helpers.smtp_server import make_settings, queued, running, write_handlers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,11 +70,7 @@ def serve(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        reap(proc)
 
 
 def test_sigterm_during_handler_client_gets_250_exit_0(

@@ -7,8 +7,6 @@ import io
 import itertools
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -40,19 +38,6 @@ def drop_raw(queue: MaildirQueue, n: int, start: int = 0) -> None:
         name = f"{int(time.time())}.M{i}P{os.getpid()}Q{i}.test"
         (tmp / name).write_bytes(wrap(message(i), envelope))
         os.rename(tmp / name, new / name)
-
-
-@pytest.fixture
-def fast_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory on tmpfs when there is one: the big bursts measure the worker, not ext4."""
-    if not os.path.isdir("/dev/shm"):
-        yield tmp_path
-        return
-    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="maildefer-test-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers.ops import wait_for
 
 from maildefer.queue import MaildirQueue
 from maildefer.queue.envelope import Envelope, wrap
@@ -26,14 +24,6 @@ APPS = Path(__file__).resolve().parent / "worker_apps"
 
 def message(i: int | str) -> bytes:
     return f"From: a@x\r\nTo: u@example.com\r\nSubject: {i}\r\n\r\nbody\r\n".encode()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.01)
 
 
 class Project:
@@ -132,19 +122,6 @@ def project(tmp_path: Path) -> Project:
     return Project(tmp_path)
 
 
-@pytest.fixture
-def fast_root(tmp_path: Path) -> Iterator[Path]:
-    """A project directory on tmpfs when there is one (big runs measure us, not ext4)."""
-    if not os.path.isdir("/dev/shm"):
-        yield tmp_path
-        return
-    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="maildefer-test-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 async def test_pickup_latency_of_an_idle_worker(project: Project) -> None:
     proc = project.worker()
     try:
@@ -168,8 +145,8 @@ async def test_pickup_latency_of_an_idle_worker(project: Project) -> None:
     assert p99 < 200, latencies[-10:]
 
 
-def test_three_workers_handle_each_message_exactly_once(fast_root: Path) -> None:
-    project = Project(fast_root, concurrency=8)
+def test_three_workers_handle_each_message_exactly_once(fast_dir: Path) -> None:
+    project = Project(fast_dir, concurrency=8)
     procs = [project.worker() for _ in range(3)]
     try:
         subjects = [f"m{i}" for i in range(5000)]

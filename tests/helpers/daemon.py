@@ -38,8 +38,13 @@ def stops_cleanly(
         proc.send_signal(sig)
         assert proc.wait(timeout=20) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
+        reap(proc)
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the daemon if it still runs, wait for it, close its stderr pipe."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    if proc.stderr is not None:
         proc.stderr.close()
