@@ -44,6 +44,18 @@ _MISSING = (
 )
 
 
+def running_loop_name() -> str:
+    """Which loop runs the calling coroutine: ``"uvloop"`` or ``"asyncio"`` (for the logs).
+
+    Example:
+        >>> async def main() -> str:
+        ...     return running_loop_name()
+        >>> run(main(), "asyncio")
+        'asyncio'
+    """
+    return type(asyncio.get_running_loop()).__module__.partition(".")[0]
+
+
 def add_loop_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--loop {auto,asyncio,uvloop}`` (default ``None``: ``[runtime] loop`` decides).
 

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from maildefer import loops
 from maildefer.errors import ConfigError, RoutingError
 from maildefer.queue import QueueRegistry
 from maildefer.queue.maildir import MaildirQueue
@@ -276,7 +277,7 @@ class Server:
             port=self.port,
             lmtp=server.lmtp,
             starttls=context is not None,
-            loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
+            loop=loops.running_loop_name(),
         )
 
     async def _start_metrics(self) -> None:
@@ -421,6 +422,4 @@ class Server:
             ConfigError: bad handlers or TLS files, or uvloop asked for and not installed.
             OSError: the address cannot be bound.
         """
-        from maildefer import loops
-
         loops.run(self.serve(), self.settings.runtime.loop)

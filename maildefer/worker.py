@@ -54,6 +54,7 @@ from structlog.contextvars import bind_contextvars
 
 from maildefer.errors import ConfigError, NoRouteError
 from maildefer.logs import sanitize
+from maildefer.loops import running_loop_name
 from maildefer.mail import MailRequest
 from maildefer.queue import QueueBackend, QueueRegistry
 from maildefer.queue.base import Claim
@@ -235,7 +236,7 @@ class Worker:
                 recovered=report.returned,
                 quarantined=report.quarantined,
                 due=report.due,
-                loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
+                loop=running_loop_name(),
             )
             claims = self._claims()
             loop = asyncio.get_running_loop()
