@@ -65,8 +65,8 @@ async def START(message, name, host):
 
 async def _serve_maildefer(port: int, workdir: Path) -> None:
     """The real Server (on whichever loop runs this coroutine)."""
-    from maildefer.server import Server
     from maildefer.settings import Settings
+    from maildefer.smtp.server import Server
 
     (workdir / "bench_handlers.py").write_text(textwrap.dedent(HANDLER))
     sys.path.insert(0, str(workdir))

@@ -1,39 +1,20 @@
-"""A ready-made queue handler that relays queued mail: the outbox of an application.
+"""``maildefer.outbox``: the name settings use for :mod:`maildefer.handlers.outbox`.
 
-Replies and notifications composed in the SMTP session should not be sent from it: a
-relay that is slow or down would hold up, or refuse, the incoming message. Push them to
-a queue instead and let a worker relay them with the queue's retries and backoff::
-
-    [queues.outbox]
-    path = "run/outbox"
-    handlers = ["maildefer.outbox"]
-
-    # in a handler
-    await Queue("run/outbox").push(reply.to_message())
-
-Every message is sent once, to all of its envelope recipients, through the relay of
-``[relay]``.
+Settings written for 0.1 name ``handlers = ["maildefer.outbox"]``; this module makes that
+name the very same module object as :mod:`maildefer.handlers.outbox` (routes belong to
+the module that defines them, so a re-export would define no route).
 
 Example:
-    >>> from maildefer import Router
-    >>> [r.pattern for r in Router.from_modules(["maildefer.outbox"]).routes()]
-    ['(address)']
+    >>> import maildefer.outbox, maildefer.handlers.outbox
+    >>> maildefer.outbox is maildefer.handlers.outbox
+    True
 """
 
 from __future__ import annotations
 
-from maildefer.mail import MailRequest
-from maildefer.relay import deliver
-from maildefer.routing import route, stateless
+import sys
 
+from maildefer.handlers import outbox
 
-@route("(address)", address=".+")
-@stateless
-async def START(message: MailRequest, address: str) -> None:
-    """Relay one queued message to all of its envelope recipients.
-
-    Example:
-        >>> START.__name__
-        'START'
-    """
-    await deliver(message)
+# An alias, not a copy: the router finds the handlers of this name under their own module.
+sys.modules[__name__] = outbox

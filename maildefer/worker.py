@@ -25,7 +25,7 @@ Every message gets one canonical log line, ``event="message"``, with ``queue``,
 Example:
     >>> import asyncio, tempfile
     >>> from maildefer import logs
-    >>> from maildefer.queue import MaildirQueue
+    >>> from maildefer.queue.maildir import MaildirQueue
     >>> logs.configure(level="error")
     >>> async def demo():
     ...     q = MaildirQueue(tempfile.mkdtemp())
@@ -56,13 +56,14 @@ from maildefer.errors import ConfigError, NoRouteError
 from maildefer.logs import sanitize
 from maildefer.loops import running_loop_name
 from maildefer.mail import MailRequest
-from maildefer.queue import QueueBackend, QueueRegistry
-from maildefer.queue.base import Claim
+from maildefer.queue import QueueBackend
+from maildefer.queue.backend import Claim
+from maildefer.queue.config import QueueRegistry
 from maildefer.queue.maildir import MaildirQueue
-from maildefer.queue.maildir_feed import MaildirFeed, WatchFactory
+from maildefer.queue.maildir.feed import MaildirFeed, WatchFactory
 
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
-    from maildefer.metrics import Metrics
+    from maildefer.ops.metrics import Metrics
 
 Deliver = Callable[[MailRequest], Awaitable[object]]
 """What runs a message: ``Router.deliver`` in the CLI, any coroutine function in tests."""
@@ -116,7 +117,7 @@ class Worker:
             for other backends, once recovery is done and claiming starts.
 
     Example:
-        >>> from maildefer.queue import MaildirQueue
+        >>> from maildefer.queue.maildir import MaildirQueue
         >>> async def deliver(message): ...
         >>> Worker(MaildirQueue("/tmp/q-worker-doc"), deliver, concurrency=2).concurrency
         2
@@ -170,7 +171,7 @@ class Worker:
         """Whether :meth:`stop` was called.
 
         Example:
-            >>> from maildefer.queue import MaildirQueue
+            >>> from maildefer.queue.maildir import MaildirQueue
             >>> async def deliver(message): ...
             >>> Worker(MaildirQueue("/tmp/q-worker-doc"), deliver).stopping
             False
@@ -183,7 +184,7 @@ class Worker:
         Safe to call from a signal handler installed with ``loop.add_signal_handler``.
 
         Example:
-            >>> from maildefer.queue import MaildirQueue
+            >>> from maildefer.queue.maildir import MaildirQueue
             >>> async def deliver(message): ...
             >>> w = Worker(MaildirQueue("/tmp/q-worker-doc"), deliver); w.stop(); w.stopping
             True
@@ -194,7 +195,7 @@ class Worker:
         """The claims whose handlers are running now.
 
         Example:
-            >>> from maildefer.queue import MaildirQueue
+            >>> from maildefer.queue.maildir import MaildirQueue
             >>> async def deliver(message): ...
             >>> Worker(MaildirQueue("/tmp/q-worker-doc"), deliver).in_flight()
             []
@@ -211,7 +212,7 @@ class Worker:
 
         Example:
             >>> import asyncio, tempfile
-            >>> from maildefer.queue import MaildirQueue
+            >>> from maildefer.queue.maildir import MaildirQueue
             >>> async def deliver(message): ...
             >>> q = MaildirQueue(tempfile.mkdtemp())
             >>> asyncio.run(Worker(q, deliver, burst=True).run()).handled
@@ -512,8 +513,8 @@ class Worker:
 class _Instruments:
     """A worker's metrics, labelled once: ``labels()`` per message costs more than the update.
 
-    What :meth:`Metrics.picked_up <maildefer.metrics.Metrics.picked_up>` and
-    :meth:`Metrics.handling <maildefer.metrics.Metrics.handling>` record, on the same
+    What :meth:`Metrics.picked_up <maildefer.ops.metrics.Metrics.picked_up>` and
+    :meth:`Metrics.handling <maildefer.ops.metrics.Metrics.handling>` record, on the same
     children, for under a third of their cost per message (measured: ~6 against ~22 µs).
     """
 

@@ -21,12 +21,12 @@ import pytest
 import structlog
 from helpers.smtp_server import RawClient, make_settings, running, write_handlers
 
-import maildefer.queue.writer as writer_module
+import maildefer.queue.maildir.writer as writer_module
 from maildefer import logs
 from maildefer.errors import NoRouteError
 from maildefer.mail import MailRequest
-from maildefer.queue import MaildirQueue
 from maildefer.queue.envelope import unwrap
+from maildefer.queue.maildir import MaildirQueue
 from maildefer.worker import Worker
 
 PAGE = 4096

@@ -19,7 +19,7 @@ from helpers.smtp_server import queued
 
 from maildefer import loops
 from maildefer.errors import ConfigError
-from maildefer.queue import MaildirQueue
+from maildefer.queue.maildir import MaildirQueue
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MSG = b"From: a@b.org\r\nTo: post@example.com\r\nSubject: loop\r\n\r\nbody\r\n"

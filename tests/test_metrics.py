@@ -1,4 +1,4 @@
-"""maildefer.metrics: counters move, and the endpoint serves them over real HTTP."""
+"""maildefer.ops.metrics: counters move, and the endpoint serves them over real HTTP."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from maildefer.metrics import Metrics
+from maildefer.ops.metrics import Metrics
 from maildefer.queue.maildir import MaildirQueue
 
 

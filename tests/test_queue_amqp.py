@@ -21,9 +21,10 @@ import pytest
 
 from maildefer.errors import ConfigError, QueueError
 from maildefer.mail import MailRequest
-from maildefer.queue import Queue, QueueOptions, open_backend
+from maildefer.queue import Queue, QueueOptions
 from maildefer.queue.amqp import AmqpQueue
-from maildefer.queue.base import Claim, QueueBackend
+from maildefer.queue.backend import Claim, QueueBackend
+from maildefer.queue.config import open_backend
 from maildefer.queue.envelope import Envelope, unwrap, wrap
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672/"

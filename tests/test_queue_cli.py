@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from maildefer.mail import MailRequest
-from maildefer.queue.base import QueueOptions
+from maildefer.queue.backend import QueueOptions
 from maildefer.queue.maildir import MaildirQueue
-from maildefer.queue.names import MaildirName
+from maildefer.queue.maildir.names import MaildirName
 
 RunCli = Callable[..., subprocess.CompletedProcess[bytes]]
 RAW = b"From: ann@x.org\r\nTo: bob@y.org\r\nSubject: cli test\r\n\r\nhello\r\n"

@@ -11,7 +11,7 @@ import pytest
 
 from maildefer.queue.envelope import Envelope, wrap
 from maildefer.queue.maildir import MaildirQueue
-from maildefer.queue.names import NameGenerator
+from maildefer.queue.maildir.names import NameGenerator
 
 WORKER = Path(__file__).parent / "helpers" / "claim_worker.py"
 

@@ -17,7 +17,7 @@ import pytest
 
 from maildefer.queue.envelope import unwrap
 from maildefer.queue.maildir import MaildirQueue
-from maildefer.queue.names import MaildirName
+from maildefer.queue.maildir.names import MaildirName
 
 ZYGOTE = Path(__file__).parent / "helpers" / "queue_zygote.py"
 

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 from helpers.spy_os import SpyOS
 
-import maildefer.queue.maildir as maildir_module
-import maildefer.queue.writer as writer_module
+import maildefer.queue.maildir.queue as maildir_module
+import maildefer.queue.maildir.writer as writer_module
 from maildefer.errors import ConfigError, QueueError
 from maildefer.mail import MailRequest
-from maildefer.queue.base import QueueOptions
+from maildefer.queue.backend import QueueOptions
 from maildefer.queue.envelope import unwrap
 from maildefer.queue.maildir import MaildirQueue
-from maildefer.queue.names import MaildirName, escape_host
+from maildefer.queue.maildir.names import MaildirName, escape_host
 
 FSYNC = QueueOptions(sync="fsync")
 SYNCFS = QueueOptions(sync="syncfs")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from maildefer.errors import ConfigError
-from maildefer.queue import backend_for, resolve_queue
+from maildefer.queue.config import backend_for, resolve_queue
 from maildefer.settings import Settings, load_settings
 
 RunCli = Callable[..., subprocess.CompletedProcess[bytes]]

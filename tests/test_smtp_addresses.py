@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maildefer.settings import ServerSettings
-from maildefer.smtp import AcceptAll, DeliveryPolicy, SessionTracker, SMTPSession
+from maildefer.smtp.session import AcceptAll, DeliveryPolicy, SessionTracker, SMTPSession
 
 
 def _session(local_part_limit: int = 0) -> SMTPSession:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from maildefer.mail import MailRequest
 from maildefer.settings import ServerSettings
-from maildefer.smtp import AcceptAll, DeliveryPolicy, SessionTracker, SMTPSession
+from maildefer.smtp.session import AcceptAll, DeliveryPolicy, SessionTracker, SMTPSession
 
 LINE_LIMIT = 40
 SIZE_LIMIT = 300

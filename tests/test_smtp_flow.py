@@ -18,7 +18,7 @@ from helpers.smtp_server import (
     write_handlers,
 )
 
-from maildefer.log_cli import log_server
+from maildefer.cli.log import log_server
 from maildefer.mail import MailResponse
 from maildefer.relay import Relay
 from maildefer.settings import Settings

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from maildefer.queue.base import QueueOptions
+from maildefer.cli.status import UNDELIVERABLE, collect, key_time
+from maildefer.queue.backend import QueueOptions
 from maildefer.queue.maildir import MaildirQueue
 from maildefer.settings import load_settings
-from maildefer.status_cli import UNDELIVERABLE, collect, key_time
 from tests.conftest import RunCli
 
 SETTINGS = """

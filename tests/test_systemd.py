@@ -1,4 +1,4 @@
-"""maildefer.systemd against real sockets: notify datagrams, the watchdog, socket activation."""
+"""maildefer.ops.systemd against real sockets: notify datagrams, the watchdog, socket activation."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from maildefer.systemd import Notifier, listen_fds, listen_fds_with_names, run_watchdog
+from maildefer.ops.systemd import Notifier, listen_fds, listen_fds_with_names, run_watchdog
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,7 +189,7 @@ CHILD = textwrap.dedent(
         os.close(fd)
     os.environ.update(LISTEN_FDS=str(len(fds)), LISTEN_PID=str(os.getpid()))
     os.environ["LISTEN_FDNAMES"] = "smtp:submission"
-    from maildefer.systemd import listen_fds_with_names
+    from maildefer.ops.systemd import listen_fds_with_names
     sockets = listen_fds_with_names()
     assert "LISTEN_FDS" not in os.environ and "LISTEN_PID" not in os.environ
     for name, sock in sockets:
@@ -244,7 +244,7 @@ ACTIVATED = textwrap.dedent(
     """
     import os
     pid_ok = os.environ.get("LISTEN_PID") == str(os.getpid())
-    from maildefer.systemd import listen_fds_with_names
+    from maildefer.ops.systemd import listen_fds_with_names
     [(name, sock)] = listen_fds_with_names()
     conn, _ = sock.accept()
     conn.sendall(f"{name} {pid_ok}".encode())

@@ -19,9 +19,11 @@ from watchfiles import Change, awatch
 from maildefer import logs
 from maildefer.errors import NoRouteError, QueueError
 from maildefer.mail import MailRequest
-from maildefer.queue import MaildirQueue, QueueOptions, QueueRegistry
+from maildefer.queue import QueueOptions
+from maildefer.queue.config import QueueRegistry
 from maildefer.queue.envelope import Envelope, wrap
-from maildefer.queue.maildir_feed import MaildirFeed
+from maildefer.queue.maildir import MaildirQueue
+from maildefer.queue.maildir.feed import MaildirFeed
 from maildefer.worker import Worker
 
 

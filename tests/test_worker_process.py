@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from helpers.ops import wait_for
 
-from maildefer.queue import MaildirQueue
 from maildefer.queue.envelope import Envelope, wrap
+from maildefer.queue.maildir import MaildirQueue
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "worker_apps"

@@ -89,10 +89,10 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotF
 
 from maildefer.errors import ConfigError, CorruptMessageError, QueueError
 from maildefer.mail import MailRequest
-from maildefer.queue.base import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
+from maildefer.queue.backend import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
 from maildefer.queue.envelope import wrap
-from maildefer.queue.maildir import message_parts, request_from_file
-from maildefer.queue.names import NameGenerator
+from maildefer.queue.maildir.names import NameGenerator
+from maildefer.queue.maildir.queue import message_parts, request_from_file
 
 H_ATTEMPTS = "x-maildefer-attempts"
 H_RECOVERIES = "x-maildefer-recoveries"

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from maildefer.queue.maildir import request_from_file
-from maildefer.server import Server
+from maildefer.queue.maildir.queue import request_from_file
 from maildefer.settings import Settings
+from maildefer.smtp.server import Server
 
 # A handler module for tests: the local part decides what the handler does.
 HANDLERS = """

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from maildefer.queue.writer import sync_filesystem
+from maildefer.queue.maildir.writer import sync_filesystem
 
 Fault = Callable[[str], BaseException | None]
 
@@ -58,7 +58,7 @@ class SpyOS:
         self.events.append(("fsync", p))
 
     def syncfs(self, fd: int) -> None:
-        """Stands in for ``maildefer.queue.writer.sync_filesystem`` (the syncfs seam)."""
+        """Stands in for ``maildefer.queue.maildir.writer.sync_filesystem`` (the syncfs seam)."""
         p = self._fds.get(fd, "?")
         self.events.append(("syncfs-start", p))
         self._fault("syncfs", p)

@@ -29,18 +29,18 @@ from maildefer.settings import Settings, load_settings
 
 # (command, module, one-line help). A module is imported only when its command runs.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("queue", "maildefer.admin", "inspect and manage a queue: count, keys, show, requeue..."),
-    ("status", "maildefer.status_cli", "queue depths and ages; non-zero exit past thresholds"),
-    ("worker", "maildefer.worker_cli", "run a queue's handlers on its messages as they arrive"),
+    ("queue", "maildefer.cli.queue", "inspect and manage a queue: count, keys, show, requeue..."),
+    ("status", "maildefer.cli.status", "queue depths and ages; non-zero exit past thresholds"),
+    ("worker", "maildefer.cli.worker", "run a queue's handlers on its messages as they arrive"),
     (
         "routes",
-        "maildefer.routes_cli",
+        "maildefer.cli.routes",
         "list the routes; --test ADDRESS shows which handlers an address reaches",
     ),
-    ("serve", "maildefer.serve_cli", "receive mail over SMTP/LMTP and run the handlers"),
-    ("send", "maildefer.send_cli", "send a test message over SMTP (to serve by default)"),
-    ("log", "maildefer.log_cli", "an SMTP server that queues every message it gets (dev relay)"),
-    ("gen", "maildefer.gen_cli", "create a new project (the example blog) in a directory"),
+    ("serve", "maildefer.cli.serve", "receive mail over SMTP/LMTP and run the handlers"),
+    ("send", "maildefer.cli.send", "send a test message over SMTP (to serve by default)"),
+    ("log", "maildefer.cli.log", "an SMTP server that queues every message it gets (dev relay)"),
+    ("gen", "maildefer.cli.gen", "create a new project (the example blog) in a directory"),
 )
 
 

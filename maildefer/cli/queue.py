@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import TextIO
 
 from maildefer.errors import ConfigError, CorruptMessageError
-from maildefer.queue import MaildirQueue, backend_for, resolve_queue
-from maildefer.queue.names import MaildirName
+from maildefer.queue.config import backend_for, resolve_queue
+from maildefer.queue.maildir import MaildirQueue
+from maildefer.queue.maildir.names import MaildirName
 from maildefer.settings import Settings
 
 ACTIONS = ("count", "keys", "show", "pop", "remove", "clear", "requeue")

@@ -38,16 +38,16 @@ import structlog
 
 from maildefer import loops
 from maildefer.errors import ConfigError, MaildeferError, RoutingError
-from maildefer.queue import QueueRegistry, queue_options, resolve_queue
+from maildefer.ops.systemd import Notifier, run_status, run_watchdog
+from maildefer.queue.config import QueueRegistry, queue_options, resolve_queue
 from maildefer.queue.maildir import MaildirQueue
 from maildefer.routing import Router
 from maildefer.settings import MetricsSettings, Settings
 from maildefer.state import state_store_for
-from maildefer.systemd import Notifier, run_status, run_watchdog
 from maildefer.worker import Worker
 
 if TYPE_CHECKING:
-    from maildefer.metrics import Metrics
+    from maildefer.ops.metrics import Metrics
 
 STATUS_INTERVAL = 5.0
 """Seconds between ``STATUS=`` updates (sent only when the text changed)."""
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     metrics: Metrics | None = None
     if settings.metrics.port is not None:
         # Imported only when asked for: prometheus-client costs every worker start.
-        from maildefer.metrics import Metrics
+        from maildefer.ops.metrics import Metrics
 
         metrics = Metrics()
         if isinstance(backend, MaildirQueue):
@@ -166,7 +166,7 @@ def describe(worker: Worker) -> str:
     """The worker's ``STATUS=`` line.
 
     Example:
-        >>> from maildefer.queue import MaildirQueue
+        >>> from maildefer.queue.maildir import MaildirQueue
         >>> async def deliver(message): ...
         >>> describe(Worker(MaildirQueue("/tmp/q-worker-doc"), deliver, name="posts"))
         'posts: 0 handled, 0 in flight, 0 retried, 0 buried'

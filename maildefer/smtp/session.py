@@ -1,7 +1,7 @@
 """The SMTP/LMTP session policy: aiosmtpd's protocol with maildefer's limits and DATA path.
 
 :func:`smtp_factory` returns the protocol factory that ``loop.create_server`` takes
-(:mod:`maildefer.server` owns the listener). Each connection is one :class:`SMTPSession`
+(:mod:`maildefer.smtp.server` owns the listener). Each connection is one :class:`SMTPSession`
 (or :class:`LMTPSession`) sharing one :class:`DeliveryPolicy` (the aiosmtpd "handler":
 RCPT and DATA decisions) and one :class:`SessionTracker` (connection caps, shutdown).
 
@@ -59,7 +59,7 @@ from maildefer.mail import MailRequest
 from maildefer.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from maildefer.metrics import Metrics
+    from maildefer.ops.metrics import Metrics
 
 log = structlog.get_logger("maildefer.smtp")
 _aiosmtpd_log = logging.getLogger("mail.log")

@@ -21,12 +21,13 @@ import argparse
 
 import structlog
 
+from maildefer.cli.serve import with_overrides
 from maildefer.mail import MailRequest
-from maildefer.queue import Queue, resolve_queue
-from maildefer.serve_cli import with_overrides
-from maildefer.server import Server
+from maildefer.queue import Queue
+from maildefer.queue.config import resolve_queue
 from maildefer.settings import Settings
-from maildefer.smtp import AcceptAll
+from maildefer.smtp.server import Server
+from maildefer.smtp.session import AcceptAll
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -48,7 +48,7 @@ def example_root() -> Path:
         >>> (example_root() / "config" / "settings.toml").exists()
         True
     """
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # maildefer/, from maildefer/cli/
     for root in (package / "_project", package.parent):
         if all((root / name).is_file() for name in FILES):
             return root

@@ -17,7 +17,7 @@ Order of things (DESIGN.md decision 5):
 3. Under systemd (a :class:`~maildefer.systemd.Notifier` given): ``READY=1`` once the
    sockets accept, ``WATCHDOG=1`` pings from the event loop and ``STATUS=`` lines with
    live counts while serving, ``STOPPING=1`` as soon as shutdown begins. With a
-   :class:`~maildefer.metrics.Metrics` given, sessions count messages and refusals, the
+   :class:`~maildefer.ops.metrics.Metrics` given, sessions count messages and refusals, the
    queue depth of every maildir ``[queues.*]`` is reported, and ``[metrics] port`` (if
    set) serves them from this loop until shutdown is over.
 4. SIGTERM or SIGINT only sets an event. ``shutdown`` then closes the listener (new
@@ -31,7 +31,7 @@ Example:
     >>> import asyncio, tempfile
     >>> from pathlib import Path
     >>> from maildefer.settings import Settings
-    >>> from maildefer.smtp import AcceptAll
+    >>> from maildefer.smtp.session import AcceptAll
     >>> from maildefer import logs; import io; logs.configure(stream=io.StringIO())
     >>> async def demo():
     ...     s = Settings(root=Path(tempfile.mkdtemp()), server={"port": 0, "hostname": "h"})
@@ -61,16 +61,16 @@ import structlog
 
 from maildefer import loops
 from maildefer.errors import ConfigError, RoutingError
-from maildefer.queue import QueueRegistry
+from maildefer.ops.systemd import Notifier, run_status, run_watchdog
+from maildefer.queue.config import QueueRegistry
 from maildefer.queue.maildir import MaildirQueue
 from maildefer.settings import Settings
-from maildefer.smtp import Recipients, SessionTracker, smtp_factory
-from maildefer.systemd import Notifier, run_status, run_watchdog
+from maildefer.smtp.session import Recipients, SessionTracker, smtp_factory
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
-    from maildefer.metrics import Metrics
+    from maildefer.ops.metrics import Metrics
 
 log = structlog.get_logger("maildefer.server")
 

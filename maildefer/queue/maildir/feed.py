@@ -1,7 +1,7 @@
 """The claims of a maildir queue as they arrive: inotify hints, scans and timers.
 
 :class:`MaildirFeed` turns a :class:`~maildefer.queue.maildir.MaildirQueue` into an async
-iterator of :class:`~maildefer.queue.base.Claim`. It claims a message only when its
+iterator of :class:`~maildefer.queue.backend.Claim`. It claims a message only when its
 consumer asks for the next one, so a worker with no free handler slot reads nothing
 (pull-based backpressure).
 
@@ -57,9 +57,9 @@ import structlog
 from watchfiles import Change, awatch
 
 from maildefer.errors import QueueError
-from maildefer.queue.base import Claim
-from maildefer.queue.maildir import MaildirQueue
-from maildefer.queue.names import MaildirName
+from maildefer.queue.backend import Claim
+from maildefer.queue.maildir.names import MaildirName
+from maildefer.queue.maildir.queue import MaildirQueue
 
 WatchFactory = Callable[..., AsyncIterator[set[tuple[Change, str]]]]
 """Anything called like ``watchfiles.awatch`` (the seam tests use to lose events)."""

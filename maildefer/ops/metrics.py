@@ -43,8 +43,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from maildefer.cli.status import inspect_queue
 from maildefer.queue.maildir import MaildirQueue
-from maildefer.status_cli import inspect_queue
 
 HANDLER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 """Seconds; up to the default worker ``handler_timeout`` (300 s)."""

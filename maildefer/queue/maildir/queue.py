@@ -10,7 +10,7 @@ Layout of a queue directory (``tmp/ new/ cur/`` make it a real maildir that mutt
     errors/  <key>.json: the last error of a retried or buried message
 
 Every state change is a single ``rename`` of one file (its state lives in its name, see
-:mod:`maildefer.queue.names`), so it is atomic and exactly one of two racing workers wins
+:mod:`maildefer.queue.maildir.names`), so it is atomic and exactly one of two racing workers wins
 a claim; the loser gets ``ENOENT``, which means "gone", not an error. Nothing here lists a
 directory per message: push, claim and ack are O(1) (``count``, ``keys`` and the admin
 look-ups may list).
@@ -51,10 +51,10 @@ from typing import Any
 
 from maildefer.errors import ConfigError, CorruptMessageError, QueueError
 from maildefer.mail import MailRequest, addresses_from_headers
-from maildefer.queue.base import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
+from maildefer.queue.backend import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
 from maildefer.queue.envelope import Envelope, unwrap_fields, wrap
-from maildefer.queue.names import MaildirName, NameGenerator, escape_host
-from maildefer.queue.writer import (
+from maildefer.queue.maildir.names import MaildirName, NameGenerator, escape_host
+from maildefer.queue.maildir.writer import (
     MaildirWriter,
     SyncMode,
     fsync_dir,
@@ -435,7 +435,7 @@ class MaildirQueue:
             >>> hasattr(q.consume(), "__anext__")
             True
         """
-        from maildefer.queue.maildir_feed import MaildirFeed
+        from maildefer.queue.maildir.feed import MaildirFeed
 
         return MaildirFeed(self).claims()
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from maildefer.queue.maildir import MaildirQueue
-from maildefer.queue.names import MaildirName
+from maildefer.queue.maildir.names import MaildirName
 from maildefer.settings import Settings
 
 UNDELIVERABLE = "(undeliverable)"

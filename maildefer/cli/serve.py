@@ -4,7 +4,7 @@ The process works from the project root: ``serve`` changes its working directory
 directory holding ``config/`` and puts it first on ``sys.path``, so ``app.handlers.*``
 import and a handler's ``Queue("run/posts")`` lands in the project's ``run/posts``
 whatever directory ``serve`` was started from (systemd's ``WorkingDirectory=`` may be
-omitted). Only this entry point does so; :class:`~maildefer.server.Server` itself never
+omitted). Only this entry point does so; :class:`~maildefer.smtp.server.Server` itself never
 changes process state, so tests run it in-process.
 
 Under systemd, sockets passed by socket activation (``LISTEN_FDS``) are served instead
@@ -33,10 +33,10 @@ from pydantic import ValidationError
 
 from maildefer.errors import ConfigError
 from maildefer.loops import add_loop_argument
-from maildefer.metrics import Metrics
-from maildefer.server import Server
+from maildefer.ops.metrics import Metrics
+from maildefer.ops.systemd import Notifier, listen_fds
 from maildefer.settings import Settings
-from maildefer.systemd import Notifier, listen_fds
+from maildefer.smtp.server import Server
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
