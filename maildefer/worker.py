@@ -59,8 +59,6 @@ from maildefer.mail import MailRequest
 from maildefer.queue import QueueBackend
 from maildefer.queue.backend import Claim
 from maildefer.queue.config import QueueRegistry
-from maildefer.queue.maildir import MaildirQueue
-from maildefer.queue.maildir.feed import MaildirFeed, WatchFactory
 
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
     from maildefer.ops.metrics import Metrics
@@ -106,7 +104,6 @@ class Worker:
         handlers: names for the log line (the handler modules).
         registry: made active while the worker runs, so the handlers'
             ``Queue(...)`` share backends with it.
-        watch: the watcher factory for a maildir queue (``watchfiles.awatch``).
         metrics: where to count pickups, handler runs, retries and burials (none by
             default: the hot path then pays nothing for them).
         name: the queue's name in metrics (``[queues.NAME]``); its URL by default.
@@ -134,7 +131,6 @@ class Worker:
         burst: bool = False,
         handlers: Sequence[str] = (),
         registry: QueueRegistry | None = None,
-        watch: WatchFactory | None = None,
         metrics: Metrics | None = None,
         name: str | None = None,
     ) -> None:
@@ -148,7 +144,6 @@ class Worker:
         self.burst = burst
         self.handlers = list(handlers)
         self.registry = registry
-        self._watch = watch
         self.metrics = metrics
         self.name = name or backend.url
         self._instruments = None if metrics is None else _Instruments(metrics, self.name)
@@ -271,25 +266,9 @@ class Worker:
         return self.stats
 
     def _claims(self) -> AsyncIterator[Claim]:
-        if isinstance(self.backend, MaildirQueue):
-            feed = (
-                MaildirFeed(self.backend, burst=self.burst, ready=self.ready)
-                if self._watch is None
-                else MaildirFeed(
-                    self.backend, burst=self.burst, watch=self._watch, ready=self.ready
-                )
-            )
-            return feed.claims()
-        if self.burst:
-            raise ConfigError(f"queue {self.backend.url}: --burst needs a maildir queue")
-        # A broker hands a consumer at most `prefetch` unacked messages: as many as we
-        # run at once, so the rest go to other workers (AmqpQueue.set_prefetch).
-        set_prefetch = getattr(self.backend, "set_prefetch", None)
-        if callable(set_prefetch):
-            set_prefetch(self.concurrency)
-        # The consumer registers on the first pull, which follows at once.
-        self.ready.set()
-        return self.backend.consume()
+        # Each backend feeds its own claims (inotify and scans, a broker consumer):
+        # the worker only says how many it holds at once.
+        return self.backend.claims(prefetch=self.concurrency, burst=self.burst, ready=self.ready)
 
     async def _pull(self, claims: AsyncIterator[Claim]) -> None:
         """Claim one message each time a handler slot is free."""
@@ -367,18 +346,17 @@ class Worker:
         return True
 
     def _start_heartbeat(self) -> asyncio.Task[object] | None:
-        """In shared-fs mode, renew in-flight claims' leases so peers do not recover them."""
+        """Renew in-flight claims' leases, if the backend's claims have any (shared fs)."""
         backend = self.backend
-        if not isinstance(backend, MaildirQueue) or not backend.options.shared_fs:
+        every = backend.lease_renewal
+        if every is None:
             return None
-        every = backend.options.lease / 3
 
         async def beat() -> None:
-            loop = asyncio.get_running_loop()
             while True:
                 await asyncio.sleep(every)
                 try:
-                    await loop.run_in_executor(None, backend.touch, self.in_flight())
+                    await backend.renew(self.in_flight())
                 except OSError as exc:
                     self._log.error("heartbeat_failed", error=str(exc))
 

@@ -49,7 +49,7 @@ import pytest
 from helpers.smtp_server import RawClient, make_settings, queued, running, write_handlers
 
 from maildefer.mail import MailRequest
-from maildefer.queue.maildir.queue import request_from_file
+from maildefer.queue.envelope import request_from_file
 
 REPO = Path(__file__).resolve().parent.parent
 FUZZ_SECONDS = float(os.environ.get("FUZZ_SECONDS", "10"))

@@ -19,7 +19,7 @@ import pytest
 from helpers.ops import Notify, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from maildefer.queue.maildir.queue import request_from_file
+from maildefer.queue.envelope import request_from_file
 
 ROOT = Path(__file__).resolve().parent.parent
 MSG = b"From: a@b.org\r\nTo: post@example.com\r\nSubject: hi\r\n\r\nbody\r\n"

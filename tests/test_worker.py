@@ -149,13 +149,13 @@ async def lossy_awatch(*paths: Any, **kwargs: Any) -> AsyncIterator[set[tuple[Ch
 
 
 async def test_lost_events_are_caught_by_the_rescan(tmp_path: Path) -> None:
-    q = MaildirQueue(tmp_path / "q", options=QueueOptions(rescan_interval=0.5))
+    q = MaildirQueue(tmp_path / "q", options=QueueOptions(rescan_interval=0.5), watch=lossy_awatch)
     seen: set[str] = set()
 
     async def deliver(m: MailRequest) -> None:
         seen.add(m["Subject"] or "")
 
-    worker = Worker(q, deliver, concurrency=4, watch=lossy_awatch)
+    worker = Worker(q, deliver, concurrency=4)
     run = asyncio.create_task(worker.run())
     await asyncio.sleep(0.2)
     for i in range(200):
@@ -169,13 +169,15 @@ async def test_lost_events_are_caught_by_the_rescan(tmp_path: Path) -> None:
 
 async def test_lossy_watcher_without_rescan_would_miss(tmp_path: Path) -> None:
     """The control for the test above: the rescan is what saves the lost events."""
-    q = MaildirQueue(tmp_path / "q", options=QueueOptions(rescan_interval=3600.0))
+    q = MaildirQueue(
+        tmp_path / "q", options=QueueOptions(rescan_interval=3600.0), watch=lossy_awatch
+    )
     seen: set[str] = set()
 
     async def deliver(m: MailRequest) -> None:
         seen.add(m["Subject"] or "")
 
-    worker = Worker(q, deliver, concurrency=4, watch=lossy_awatch)
+    worker = Worker(q, deliver, concurrency=4)
     run = asyncio.create_task(worker.run())
     await asyncio.sleep(0.2)
     for i in range(40):
@@ -188,7 +190,6 @@ async def test_lossy_watcher_without_rescan_would_miss(tmp_path: Path) -> None:
 
 
 async def test_a_failing_watcher_is_rebuilt_and_the_queue_rescanned(tmp_path: Path) -> None:
-    q = MaildirQueue(tmp_path / "q", options=QueueOptions(rescan_interval=3600.0))
     calls = 0
 
     async def flaky(*paths: Any, **kwargs: Any) -> AsyncIterator[set[tuple[Change, str]]]:
@@ -199,12 +200,13 @@ async def test_a_failing_watcher_is_rebuilt_and_the_queue_rescanned(tmp_path: Pa
         async for changes in awatch(*paths, **kwargs):
             yield changes
 
+    q = MaildirQueue(tmp_path / "q", options=QueueOptions(rescan_interval=3600.0), watch=flaky)
     seen: set[str] = set()
 
     async def deliver(m: MailRequest) -> None:
         seen.add(m["Subject"] or "")
 
-    worker = Worker(q, deliver, watch=flaky)
+    worker = Worker(q, deliver)
     run = asyncio.create_task(worker.run())
     await until(lambda: calls >= 3)
     await asyncio.sleep(0.1)
@@ -417,18 +419,19 @@ async def test_feed_skips_dot_files_and_keeps_odd_names(tmp_path: Path) -> None:
 
 async def test_polling_mode_runs_no_watcher(tmp_path: Path) -> None:
     opts = QueueOptions(shared_fs=True, poll_interval=0.1)
-    q = MaildirQueue(tmp_path / "q", options=opts)
 
     async def no_watch(*paths: Any, **kwargs: Any) -> AsyncIterator[set[tuple[Change, str]]]:
         raise AssertionError("no watcher in polling mode")
         yield set()  # pragma: no cover
+
+    q = MaildirQueue(tmp_path / "q", options=opts, watch=no_watch)
 
     seen: set[str] = set()
 
     async def deliver(m: MailRequest) -> None:
         seen.add(m["Subject"] or "")
 
-    worker = Worker(q, deliver, watch=no_watch)
+    worker = Worker(q, deliver)
     run = asyncio.create_task(worker.run())
     await asyncio.sleep(0.1)
     await q.push(message(7))

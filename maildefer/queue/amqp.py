@@ -70,7 +70,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -90,9 +90,8 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotF
 from maildefer.errors import ConfigError, CorruptMessageError, QueueError
 from maildefer.mail import MailRequest
 from maildefer.queue.backend import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
-from maildefer.queue.envelope import wrap
+from maildefer.queue.envelope import message_parts, request_from_file, wrap
 from maildefer.queue.maildir.names import NameGenerator
-from maildefer.queue.maildir.queue import message_parts, request_from_file
 
 H_ATTEMPTS = "x-maildefer-attempts"
 H_RECOVERIES = "x-maildefer-recoveries"
@@ -531,6 +530,30 @@ class AmqpQueue:
         """
         return self._claims()
 
+    def claims(self, *, prefetch: int, burst: bool, ready: asyncio.Event) -> AsyncIterator[Claim]:
+        """A worker's claims: a consumer with ``prefetch`` unacked messages at most.
+
+        A broker hands a consumer at most ``prefetch`` unacked messages: as many as the
+        worker runs at once, so the rest go to other workers.
+
+        Raises:
+            ConfigError: ``burst``: a broker queue has no "drained" to stop at.
+
+        Example:
+            >>> import asyncio
+            >>> q = AmqpQueue("amqp://h/?queue=q")
+            >>> q.claims(prefetch=1, burst=True, ready=asyncio.Event())
+            Traceback (most recent call last):
+            ...
+            maildefer.errors.ConfigError: queue amqp://h/?queue=q: --burst needs a maildir queue
+        """
+        if burst:
+            raise ConfigError(f"queue {self.url}: --burst needs a maildir queue")
+        self.set_prefetch(prefetch)
+        # The consumer registers on the first pull, which follows at once.
+        ready.set()
+        return self.consume()
+
     async def _claims(self) -> AsyncIterator[Claim]:
         await self._ready()
         assert self._connection is not None
@@ -689,6 +712,23 @@ class AmqpQueue:
                 (delivery.queued_at if delivery.queued_at is not None else time.time()) * 1000
             ),
         }
+
+    @property
+    def lease_renewal(self) -> float | None:
+        """Never: the broker holds a delivery for as long as the channel lives.
+
+        Example:
+            >>> AmqpQueue("amqp://h/?queue=q").lease_renewal is None
+            True
+        """
+        return None
+
+    async def renew(self, claims: Sequence[Claim]) -> None:
+        """Nothing to renew (see :attr:`lease_renewal`).
+
+        Example:
+            >>> import asyncio; asyncio.run(AmqpQueue("amqp://h/?queue=q").renew([]))
+        """
 
     async def ack(self, claim: Claim) -> None:
         """The handler succeeded: basic.ack.

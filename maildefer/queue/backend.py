@@ -13,8 +13,9 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import email.message
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -145,6 +146,32 @@ class QueueBackend(Protocol):
 
     def consume(self) -> AsyncIterator[Claim]:
         """Claims, one each time the caller asks for one, waiting when there are none."""
+        ...
+
+    def claims(self, *, prefetch: int, burst: bool, ready: asyncio.Event) -> AsyncIterator[Claim]:
+        """The claims a worker runs: this backend's own way of feeding them.
+
+        Args:
+            prefetch: how many claims the worker holds at once (its concurrency): a
+                backend that pushes messages to consumers hands it no more unacked ones.
+            burst: drain what is there and end, instead of waiting for more. A backend
+                that cannot tell "drained" raises :class:`~maildefer.errors.ConfigError`.
+            ready: set once the feed is live: a message that arrives afterwards is
+                claimed without waiting for a rescan (the worker's ``READY=1``).
+        """
+        ...
+
+    @property
+    def lease_renewal(self) -> float | None:
+        """Seconds between renewals of in-flight claims (:meth:`renew`); ``None``: never.
+
+        A backend whose claims expire unless renewed (a maildir on a shared filesystem,
+        where a peer recovers claims older than the lease) asks the worker to renew them.
+        """
+        ...
+
+    async def renew(self, claims: Sequence[Claim]) -> None:
+        """Renew the leases of claims still being handled (see :attr:`lease_renewal`)."""
         ...
 
     async def ack(self, claim: Claim) -> None:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from maildefer.queue.maildir.queue import request_from_file
+from maildefer.queue.envelope import request_from_file
 from maildefer.settings import Settings
 from maildefer.smtp.server import Server
 

@@ -34,8 +34,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import email.message
-import email.policy
 import errno
 import json
 import os
@@ -44,15 +42,15 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from maildefer.errors import ConfigError, CorruptMessageError, QueueError
-from maildefer.mail import MailRequest, addresses_from_headers
+from maildefer.mail import MailRequest
 from maildefer.queue.backend import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
-from maildefer.queue.envelope import Envelope, unwrap_fields, wrap
+from maildefer.queue.envelope import message_parts, request_from_file, wrap
 from maildefer.queue.maildir.names import MaildirName, NameGenerator, escape_host
 from maildefer.queue.maildir.writer import (
     MaildirWriter,
@@ -62,6 +60,9 @@ from maildefer.queue.maildir.writer import (
     unlink_quietly,
 )
 
+if TYPE_CHECKING:
+    from maildefer.queue.maildir.feed import WatchFactory
+
 TMP_MAX_AGE = 36 * 3600.0
 """tmp/ files untouched this long are debris of a crashed writer (qmail's maildir(5))."""
 
@@ -69,8 +70,6 @@ STATE_DIRS = ("new", "later", "cur")
 
 # The names NameGenerator makes: which process on which host is writing a tmp/ file.
 _TMP_NAME = re.compile(r"\d+\.M\d+P(?P<pid>\d+)Q\d+R[0-9a-f]+\.(?P<host>.+)")
-
-_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
 _READ_SIZE = 64 * 1024
 """First read of a claimed file: most messages fit, so two reads (the second says EOF).
@@ -111,46 +110,6 @@ class _Owner:
         return f"{self.host}~{self.pid}~{self.start}"
 
 
-def message_parts(message: Pushable) -> tuple[bytes, Envelope]:
-    """The raw bytes and envelope of anything ``push`` accepts (shared by every backend).
-
-    Bytes and stdlib messages carry no SMTP envelope: it is read from their headers.
-
-    Example:
-        >>> raw, env = message_parts(b"From: a@x.org\\nTo: b@y.org\\n\\nhi\\n")
-        >>> env.mail_from, env.rcpt_tos
-        ('a@x.org', ['b@y.org'])
-    """
-    if isinstance(message, MailRequest):
-        return message.raw, Envelope(
-            message.mail_from,
-            list(message.rcpt_tos),
-            message.peer,
-            message.received_at,
-            message.rcpt_to,
-        )
-    if isinstance(message, email.message.Message):
-        raw = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
-    elif isinstance(message, bytes | bytearray | memoryview):
-        raw = bytes(message)
-    else:
-        raise TypeError(
-            f"cannot queue a {type(message).__name__}: want MailRequest, EmailMessage or bytes"
-        )
-    # No SMTP envelope: take it from the headers, as a file dropped into new/ would be read.
-    # Only the header block is parsed: parsing (and re-serialising) a large body on the
-    # event loop cost 5 ms per 100 KiB push.
-    blank = _BLANK_LINE.search(raw)
-    headers = MailRequest(raw[: blank.end()] if blank else raw)
-    senders = addresses_from_headers(headers, "From")
-    return raw, Envelope(
-        senders[0] if senders else "",
-        addresses_from_headers(headers, "To", "Cc"),
-        "",
-        time.time(),
-    )
-
-
 def _sync_mode(options: QueueOptions, url: str) -> SyncMode:
     """The writer's sync mode for a queue's ``sync`` option (``auto``: syncfs where safe).
 
@@ -178,34 +137,6 @@ def _key_time(key: str) -> float | None:
         return None
     usec = rest[1:].partition("P")[0]
     return int(sec) + (int(usec) / 1e6 if usec.isdigit() else 0.0)
-
-
-def request_from_file(data: bytes) -> MailRequest:
-    """A queued file's message: its envelope record, or its From/To/Cc headers.
-
-    Raises:
-        CorruptMessageError: the file fails its envelope check.
-
-    Example:
-        >>> request_from_file(b"From: a@x\\nTo: b@y\\n\\n").rcpt_tos
-        ['b@y']
-    """
-    fields = unwrap_fields(data)
-    if fields is None:
-        request = MailRequest(data)
-        request.mail_from = next(iter(addresses_from_headers(request, "From")), "")
-        request.rcpt_tos = addresses_from_headers(request, "To", "Cc")
-        request.rcpt_to = request.rcpt_tos[0] if request.rcpt_tos else ""
-        return request
-    mail_from, rcpt_tos, peer, received_at, rcpt_to, raw = fields
-    return MailRequest(
-        raw,
-        mail_from=mail_from,
-        rcpt_tos=rcpt_tos,
-        peer=peer,
-        received_at=received_at,
-        rcpt_to=rcpt_to,
-    )
 
 
 def read_file(path: str, *, local: bool = False) -> bytes:
@@ -268,8 +199,12 @@ class MaildirQueue:
         options: QueueOptions | None = None,
         undeliverable: str | os.PathLike[str] | None = None,
         host: str | None = None,
+        watch: WatchFactory | None = None,
     ) -> None:
         self.path = Path(path).absolute()
+        # The watcher factory a worker's feed uses (watchfiles.awatch when None); tests
+        # pass one that loses events.
+        self.watch = watch
         self.url = str(path)
         self.options = options or QueueOptions()
         self.undeliverable = (
@@ -431,13 +366,40 @@ class MaildirQueue:
         """Claims as messages arrive: inotify wake-ups, a start scan and a rescan timer.
 
         Example:
-            >>> q = MaildirQueue("/tmp/q-doc3")
-            >>> hasattr(q.consume(), "__anext__")
+            >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
+            >>> async def first():
+            ...     key = await q.push(b"\\n")
+            ...     claims = q.consume()
+            ...     claim = await anext(claims)
+            ...     await q.ack(claim)
+            ...     await claims.aclose()
+            ...     return claim.key == key
+            >>> asyncio.run(first())
             True
+        """
+        return self.claims(prefetch=1, burst=False, ready=asyncio.Event())
+
+    def claims(self, *, prefetch: int, burst: bool, ready: asyncio.Event) -> AsyncIterator[Claim]:
+        """A worker's claims: a :class:`~maildefer.queue.maildir.feed.MaildirFeed` on ``new/``.
+
+        ``prefetch`` does not matter here: a maildir claim is taken only when the worker
+        asks for one, so the rest stay in ``new/`` for other workers.
+
+        Example:
+            >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
+            >>> async def drain():
+            ...     await q.push(b"\\n"); await q.push(b"\\n")
+            ...     ready = asyncio.Event()
+            ...     keys = [c.key async for c in q.claims(prefetch=1, burst=True, ready=ready)]
+            ...     return len(keys), ready.is_set()
+            >>> asyncio.run(drain())
+            (2, True)
         """
         from maildefer.queue.maildir.feed import MaildirFeed
 
-        return MaildirFeed(self).claims()
+        if self.watch is None:
+            return MaildirFeed(self, burst=burst, ready=ready).claims()
+        return MaildirFeed(self, burst=burst, watch=self.watch, ready=ready).claims()
 
     def _claim_path(self, claim: Claim) -> tuple[MaildirName, str]:
         name = claim.handle
@@ -474,7 +436,27 @@ class MaildirQueue:
         """
         self.ack_now(claim)
 
-    def touch(self, claims: list[Claim]) -> None:
+    @property
+    def lease_renewal(self) -> float | None:
+        """A third of the lease on a shared filesystem (peers recover older claims), else never.
+
+        Example:
+            >>> MaildirQueue("/q", options=QueueOptions(shared_fs=True, lease=60)).lease_renewal
+            20.0
+            >>> MaildirQueue("/q").lease_renewal is None
+            True
+        """
+        return self.options.lease / 3 if self.options.shared_fs else None
+
+    async def renew(self, claims: Sequence[Claim]) -> None:
+        """Renew the lease of claims (their mtime) in one thread hop: see :meth:`touch`.
+
+        Example:
+            >>> import asyncio; asyncio.run(MaildirQueue("/tmp/q-doc4").renew([]))
+        """
+        await asyncio.get_running_loop().run_in_executor(None, self.touch, claims)
+
+    def touch(self, claims: Sequence[Claim]) -> None:
         """Renew the lease of claims (mtime), so other hosts do not recover them.
 
         Example:
