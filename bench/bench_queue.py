@@ -11,7 +11,7 @@ The ceilings are the same work in a few lines of raw ``os`` calls, nothing else:
   ``fsync``, ``close``: 8 system calls, from 1 or 8 threads;
 - drain (``raw_drain``), per message: ``rename`` from ``new/`` to ``cur/``, ``open``,
   ``read`` until it returns nothing, ``close``, ``unlink``: the same calls maildefer's
-  ``claim_now`` + ``ack_now`` make, without maildefer's checks.
+  ``claim_sync`` + ``ack_sync`` make, without maildefer's checks.
 
 Queues are made under ``run/`` of the checkout (``--dir`` to change): a real disk, where
 ``/tmp`` may be a tmpfs.
@@ -175,7 +175,7 @@ def raw_drain(root: Path, m: int) -> float:
     """The ceiling: scandir, then rename into cur/, open, read, close, unlink.
 
     One ``read`` when it comes back short (on a local disk a short read of a regular file
-    is its end), as ``claim_now`` does; reads on to EOF otherwise.
+    is its end), as ``claim_sync`` does; reads on to EOF otherwise.
     """
     start = time.perf_counter()
     names = first_names(root, m)
@@ -192,14 +192,14 @@ def raw_drain(root: Path, m: int) -> float:
 
 
 def md_drain(q: MaildirQueue, m: int) -> float:
-    """maildefer: scan_new, claim_now (rename, read, envelope check), ack_now."""
+    """maildefer: scan_new, claim_sync (rename, read, envelope check), ack_sync."""
     start = time.perf_counter()
     done = 0
     for batch in q.scan_new():
         for filename in batch:
-            claim = q.claim_now(filename)
+            claim = q.claim_sync(filename)
             assert claim is not None
-            q.ack_now(claim)
+            q.ack_sync(claim)
             done += 1
             if done == m:
                 return done / (time.perf_counter() - start)

@@ -12,9 +12,15 @@ application can catch the lot in one place::
     └── SMTPError              a handler refuses a message with its own SMTP reply
 
 Example:
-    >>> from maildefer.errors import QueueError, MaildeferError
-    >>> issubclass(QueueError, MaildeferError)
-    True
+    Catch everything maildefer raises on purpose, and nothing else:
+
+    >>> from maildefer import Router
+    >>> from maildefer.errors import MaildeferError
+    >>> try:
+    ...     Router.from_modules(["app.handlers.nope"])
+    ... except MaildeferError as exc:
+    ...     print(type(exc).__name__)
+    RoutingError
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ class MaildeferError(Exception):
     """Base class of every error maildefer raises on purpose.
 
     Example:
-        >>> isinstance(ConfigError("x"), MaildeferError)
-        True
+        >>> try:
+        ...     raise NoRouteError("no route matches 'a@x'")
+        ... except MaildeferError as exc:
+        ...     print("refused:", exc)
+        refused: no route matches 'a@x'
     """
 
 
@@ -53,8 +62,13 @@ class CorruptMessageError(QueueError):
     """A queued file does not match its own envelope record (truncated or altered).
 
     Example:
-        >>> issubclass(CorruptMessageError, QueueError)
-        True
+        A corrupt file is a queue error too, so one ``except`` covers both:
+
+        >>> try:
+        ...     raise CorruptMessageError("run/posts/new/k: sha256 does not match")
+        ... except QueueError as exc:
+        ...     print("451 4.3.0", exc)
+        451 4.3.0 run/posts/new/k: sha256 does not match
     """
 
 
@@ -71,8 +85,13 @@ class NoRouteError(RoutingError):
     """No route matches the recipient a message is delivered to.
 
     Example:
-        >>> issubclass(NoRouteError, RoutingError)
-        True
+        >>> import asyncio
+        >>> from maildefer import MailRequest, Router
+        >>> try:
+        ...     asyncio.run(Router([]).deliver(MailRequest(b"\\n", rcpt_tos=["a@x.org"])))
+        ... except NoRouteError as exc:
+        ...     print("550 5.1.1", exc)
+        550 5.1.1 no route matches 'a@x.org'
     """
 
 

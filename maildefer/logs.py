@@ -52,7 +52,12 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         stream: where lines go; standard error by default.
 
     Example:
-        >>> configure(level="warning", fmt="console")
+        >>> import io
+        >>> out = io.StringIO()
+        >>> configure(level="warning", fmt="console", stream=out)
+        >>> structlog.get_logger().info("dropped"); structlog.get_logger().warning("kept")
+        >>> "kept" in out.getvalue(), "dropped" in out.getvalue()
+        (True, False)
     """
     out = stream if stream is not None else sys.stderr
     console = fmt == "console" or (fmt == "auto" and out.isatty())

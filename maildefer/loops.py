@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib
 from collections.abc import Callable, Coroutine
@@ -32,7 +31,7 @@ LoopName = Literal["auto", "asyncio", "uvloop"]
 """The values of ``[runtime] loop`` and ``--loop``."""
 
 LOOP_NAMES: tuple[str, ...] = get_args(LoopName)
-"""``("auto", "asyncio", "uvloop")``, for ``argparse`` choices."""
+"""``("auto", "asyncio", "uvloop")``, the choices of ``--loop`` (:mod:`maildefer.cli.options`)."""
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -54,26 +53,6 @@ def running_loop_name() -> str:
         'asyncio'
     """
     return type(asyncio.get_running_loop()).__module__.partition(".")[0]
-
-
-def add_loop_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--loop {auto,asyncio,uvloop}`` (default ``None``: ``[runtime] loop`` decides).
-
-    Shared by ``serve`` and ``worker``; lives here so the worker does not import serve's
-    module (and aiosmtpd with it).
-
-    Example:
-        >>> p = argparse.ArgumentParser(); add_loop_argument(p)
-        >>> p.parse_args(["--loop", "uvloop"]).loop, p.parse_args([]).loop
-        ('uvloop', None)
-    """
-    parser.add_argument(
-        "--loop",
-        choices=LOOP_NAMES,
-        default=None,
-        help="event loop, overriding [runtime] loop: asyncio (stdlib), uvloop, "
-        "or auto (uvloop when installed)",
-    )
 
 
 def loop_factory(name: str) -> LoopFactory | None:

@@ -82,10 +82,21 @@ def route(pattern: str, **groups: str) -> Callable[[F], F]:
         It may be stacked to give one handler several patterns.
 
     Example:
-        >>> @route("(user)-list@(host)", user="[a-z]+")
-        ... async def START(message, user, host): ...
-        >>> START._maildefer_routes
-        (('(user)-list@(host)', {'user': '[a-z]+'}),)
+        >>> import asyncio, sys, types
+        >>> from maildefer.mail import MailRequest
+        >>> app = sys.modules["doc_route"] = types.ModuleType("doc_route")
+        >>> exec('''
+        ... from maildefer import route
+        ... @route("(user)-list@(host)", user="[a-z]+")
+        ... async def START(message, user, host):
+        ...     print("list", user, "at", host)
+        ... ''', app.__dict__)
+        >>> router = Router.from_modules(["doc_route"])
+        >>> asyncio.run(router.deliver(MailRequest(b"\\n", rcpt_tos=["news-list@x.org"])))
+        list news at x.org
+        1
+        >>> router.match("news2-list@x.org")  # the group's own regex: [a-z]+
+        []
     """
 
     def decorate(fn: F) -> F:
@@ -103,12 +114,25 @@ def route_like(other: Callable[..., Any]) -> Callable[[F], F]:
         RoutingError: ``other`` has no ``@route``.
 
     Example:
-        >>> @route("(name)@(host)")
-        ... async def START(message, name, host): ...
-        >>> @route_like(START)
-        ... async def POSTING(message, name, host): ...
-        >>> POSTING._maildefer_routes == START._maildefer_routes
-        True
+        >>> import asyncio, sys, types
+        >>> from maildefer.mail import MailRequest
+        >>> app = sys.modules["doc_route_like"] = types.ModuleType("doc_route_like")
+        >>> exec('''
+        ... from maildefer import route, route_like
+        ... @route("(name)@(host)")
+        ... async def START(message, name, host):
+        ...     print("START", name)
+        ...     return POSTING
+        ... @route_like(START)
+        ... async def POSTING(message, name, host):
+        ...     print("POSTING", name)
+        ... ''', app.__dict__)
+        >>> router = Router.from_modules(["doc_route_like"])
+        >>> message = MailRequest(b"\\n", mail_from="ann@y.org", rcpt_tos=["blog@x.org"])
+        >>> for _ in range(2):  # POSTING answers on START's addresses
+        ...     _ = asyncio.run(router.deliver(message))
+        START blog
+        POSTING blog
     """
     routes: tuple[tuple[str, dict[str, str]], ...] = getattr(other, _ROUTES_ATTR, ())
     if not routes:
@@ -127,10 +151,35 @@ def stateless(fn: F) -> F:
     """Mark a handler stateless: called for every matching message, no state, no lock.
 
     Example:
-        >>> @stateless
-        ... async def START(message): ...
-        >>> START._maildefer_stateless
-        True
+        ``ARCHIVE`` runs for every message (first), whatever the sender's state:
+
+        >>> import asyncio, io, sys, types
+        >>> from maildefer import logs; logs.configure(level="warning", stream=io.StringIO())
+        >>> from maildefer.mail import MailRequest
+        >>> app = sys.modules["doc_stateless"] = types.ModuleType("doc_stateless")
+        >>> exec('''
+        ... from maildefer import route, stateless
+        ... @route("(name)@(host)")
+        ... async def START(message, name, host):
+        ...     print("START")
+        ...     return CONFIRMED
+        ... @route("confirm-(name)@(host)")
+        ... async def CONFIRMED(message, name, host):
+        ...     print("CONFIRMED")
+        ... @route("(name)@(host)")
+        ... @stateless
+        ... async def ARCHIVE(message, name, host):
+        ...     print("ARCHIVE")
+        ... ''', app.__dict__)
+        >>> router = Router.from_modules(["doc_stateless"])
+        >>> message = MailRequest(b"\\n", mail_from="ann@y.org", rcpt_tos=["blog@x.org"])
+        >>> asyncio.run(router.deliver(message))
+        ARCHIVE
+        START
+        2
+        >>> asyncio.run(router.deliver(message))  # the sender is now in CONFIRMED
+        ARCHIVE
+        1
     """
     setattr(fn, _STATELESS_ATTR, True)
     return fn
@@ -317,8 +366,12 @@ class Router:
         RoutingError: a module has stateful handlers but no ``START``.
 
     Example:
-        >>> Router([]).routes()
-        []
+        >>> import asyncio
+        >>> greet = Handler("greet", lambda m, name: print("hi", name), stateless=True, module="d")
+        >>> router = Router([Route.compile("(name)@x\\\\.org", {}, {}, "d", (greet,))])
+        >>> asyncio.run(router.deliver(MailRequest(b"\\n", rcpt_tos=["ann@x.org"])))
+        hi ann
+        1
     """
 
     def __init__(
@@ -389,8 +442,9 @@ class Router:
         """Every route, in the order they are tried.
 
         Example:
-            >>> Router([]).routes()
-            []
+            >>> r = Route.compile("(a)@x", {}, {}, "m", ())
+            >>> Router([r]).routes() == [r]
+            True
         """
         return list(self._routes)
 

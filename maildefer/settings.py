@@ -52,7 +52,7 @@ class ServerSettings(BaseModel):
     max_recipients: int = Field(default=100, gt=0)
     handler_timeout: float = Field(default=60.0, gt=0)
     lmtp: bool = False
-    # Limits a client controls (RELIABILITY.md R24-R26); the defaults are Postfix's.
+    # Limits a client controls (docs/reliability.md R24-R26); the defaults are Postfix's.
     max_connections: int = Field(default=500, gt=0)
     max_connections_per_ip: int = Field(default=50, gt=0)
     command_timeout: float = Field(default=300.0, gt=0)
@@ -120,7 +120,7 @@ class QueueSettings(BaseModel):
     retry_delay: float = Field(default=30.0, ge=0)
     retry_max_delay: float = Field(default=3600.0, ge=0)
     handler_timeout: float = Field(default=300.0, gt=0)
-    # Safety net under inotify: list new/ at least this often (RELIABILITY.md R16).
+    # Safety net under inotify: list new/ at least this often (docs/reliability.md R16).
     rescan_interval: float = Field(default=10.0, gt=0)
     # A shared filesystem (NFS): inotify cannot see other hosts' writes, so poll (R18).
     shared_fs: bool = False

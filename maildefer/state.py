@@ -36,8 +36,28 @@ class StateStore(Protocol):
     """What the router needs from a state store.
 
     Example:
-        >>> isinstance(MemoryStateStore(), StateStore)
-        True
+        Any object with these three coroutines will do, e.g. one that records writes:
+
+        >>> import asyncio
+        >>> from maildefer.mail import MailRequest
+        >>> from maildefer.routing import Handler, Route, Router
+        >>> class Recording:
+        ...     def __init__(self):
+        ...         self.states = {}
+        ...     async def get(self, key):
+        ...         return self.states.get(key)
+        ...     async def set(self, key, state):
+        ...         print("set", key, state)
+        ...         self.states[key] = state
+        ...     async def clear(self):
+        ...         self.states.clear()
+        >>> async def START(message, a):
+        ...     return "POSTING"
+        >>> start = Handler("START", START, stateless=False, module="blog")
+        >>> router = Router([Route.compile("(a)@x", {}, {}, "blog", (start,))], state=Recording())
+        >>> asyncio.run(router.deliver(MailRequest(b"\\n", mail_from="Ann@Y", rcpt_tos=["a@x"])))
+        set blog:ann@y POSTING
+        1
     """
 
     async def get(self, key: str) -> str | None:
@@ -215,7 +235,12 @@ class SqliteStateStore:
         """Close the connection (reopened if the store is used again).
 
         Example:
-            >>> import tempfile; SqliteStateStore(tempfile.mkdtemp() + "/s.db").close()
+            >>> import asyncio, tempfile
+            >>> store = SqliteStateStore(tempfile.mkdtemp() + "/s.db")
+            >>> asyncio.run(store.set("k", "B")); store.close()
+            >>> asyncio.run(store.get("k"))  # reopened on use; the state was committed
+            'B'
+            >>> store.close()
         """
         with self._lock:
             if self._conn is not None:

@@ -11,11 +11,14 @@ in ``new/`` for other workers). Each message runs in its own task, under
 - no handler matches (:class:`~maildefer.errors.NoRouteError`): **bury** at once,
   since retrying cannot help.
 
-Shutdown (:meth:`Worker.stop`, wired to SIGTERM/SIGINT by the CLI) stops claiming, lets
+As :class:`~maildefer.smtp.server.Server`: ``serve()`` is the whole run (async), ``run()``
+its synchronous entry, and a :class:`~maildefer.ops.lifecycle.Lifecycle` handles signals,
+``READY=1`` (once live), ``STATUS=``, the watchdog and ``STOPPING=1``. Shutdown
+(:meth:`Worker.request_shutdown`, the first SIGTERM/SIGINT) stops claiming, lets
 in-flight handlers finish within ``grace_period``, gives back the unfinished ones
-(``release``: back to ``new/``, no attempt counted) and logs one summary line. A
-process killed outright leaves its claims in ``cur/``; the next worker's ``recover``
-returns them (at-least-once).
+(``release``: back to ``new/``, no attempt counted) and logs one summary line. A second
+signal exits at once (status 1): as a process killed outright, it leaves its claims in
+``cur/`` for the next worker's ``recover`` (at-least-once; ``docs/reliability.md``).
 
 Every message gets one canonical log line, ``event="message"``, with ``queue``,
 ``key``, ``attempt`` (bound as context for anything the handlers log), ``handlers``,
@@ -33,7 +36,7 @@ Example:
     ...     seen = []
     ...     async def deliver(message):
     ...         seen.append(message["Subject"])
-    ...     stats = await Worker(q, deliver, burst=True).run()
+    ...     stats = await Worker(q, deliver, burst=True).serve()
     ...     return seen, stats.handled
     >>> asyncio.run(demo())
     (['hi'], 1)
@@ -42,6 +45,8 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -52,13 +57,16 @@ from typing import TYPE_CHECKING
 import structlog
 from structlog.contextvars import bind_contextvars
 
+from maildefer import loops
 from maildefer.errors import ConfigError, NoRouteError
 from maildefer.logs import sanitize
-from maildefer.loops import running_loop_name
 from maildefer.mail import MailRequest
+from maildefer.ops.lifecycle import Lifecycle
+from maildefer.ops.systemd import Notifier
 from maildefer.queue import QueueBackend
 from maildefer.queue.backend import Claim
 from maildefer.queue.config import QueueRegistry
+from maildefer.settings import MetricsSettings
 
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
     from maildefer.ops.metrics import Metrics
@@ -94,19 +102,21 @@ class Worker:
     """Runs one queue's handlers on its messages, ``concurrency`` at a time.
 
     Args:
-        backend: the queue (a :class:`MaildirQueue`, or any backend whose ``consume``
-            yields claims).
+        backend: the queue (any :class:`~maildefer.queue.QueueBackend`).
         deliver: runs one message (``Router(...).deliver``).
         concurrency: handler tasks at once, and so claims held at once.
         handler_timeout: seconds one message's handlers may run; longer is a failure.
-        grace_period: seconds in-flight handlers get to finish after :meth:`stop`.
+        grace_period: seconds in-flight handlers get to finish once a shutdown begins.
         burst: drain what is in the queue (and retries already due), then return.
         handlers: names for the log line (the handler modules).
         registry: made active while the worker runs, so the handlers'
-            ``Queue(...)`` share backends with it.
+            ``Queue(...)`` share backends with it; closed when :meth:`serve` ends.
         metrics: where to count pickups, handler runs, retries and burials (none by
             default: the hot path then pays nothing for them).
-        name: the queue's name in metrics (``[queues.NAME]``); its URL by default.
+        metrics_endpoint: ``[metrics]``; with a ``port``, ``metrics`` are served there.
+        notifier: the service manager to tell about readiness, status and shutdown
+            (``sd_notify``); nothing is sent without one.
+        name: the queue's name in metrics and status lines; its URL by default.
 
     Attributes:
         ready: set once the worker is live: a maildir queue's watcher is armed and the
@@ -114,10 +124,13 @@ class Worker:
             for other backends, once recovery is done and claiming starts.
 
     Example:
+        >>> import tempfile
         >>> from maildefer.queue.maildir import MaildirQueue
         >>> async def deliver(message): ...
-        >>> Worker(MaildirQueue("/tmp/q-worker-doc"), deliver, concurrency=2).concurrency
-        2
+        >>> Worker(MaildirQueue(tempfile.mkdtemp()), deliver, concurrency=0)
+        Traceback (most recent call last):
+        ...
+        maildefer.errors.ConfigError: concurrency = 0: expected at least 1
     """
 
     def __init__(
@@ -132,6 +145,8 @@ class Worker:
         handlers: Sequence[str] = (),
         registry: QueueRegistry | None = None,
         metrics: Metrics | None = None,
+        metrics_endpoint: MetricsSettings | None = None,
+        notifier: Notifier | None = None,
         name: str | None = None,
     ) -> None:
         if concurrency < 1:
@@ -145,11 +160,12 @@ class Worker:
         self.handlers = list(handlers)
         self.registry = registry
         self.metrics = metrics
+        self.metrics_endpoint = metrics_endpoint
         self.name = name or backend.url
-        self._instruments = None if metrics is None else _Instruments(metrics, self.name)
+        self._instruments = None if metrics is None else metrics.instruments("worker", self.name)
         self.ready = asyncio.Event()
         self.stats = WorkerStats()
-        self._stopping = asyncio.Event()
+        self._lifecycle = Lifecycle(self.status_line, notifier, on_force=self._exit_at_once)
         self._slots = asyncio.Semaphore(concurrency)
         self._running: dict[asyncio.Task[None], Claim] = {}
         # Handler deadlines, checked by one timer task (_expire_overdue) instead of an
@@ -163,56 +179,123 @@ class Worker:
 
     @property
     def stopping(self) -> bool:
-        """Whether :meth:`stop` was called.
+        """Whether a shutdown was requested (see :meth:`request_shutdown`'s example)."""
+        return self._lifecycle.stopping
 
-        Example:
-            >>> from maildefer.queue.maildir import MaildirQueue
-            >>> async def deliver(message): ...
-            >>> Worker(MaildirQueue("/tmp/q-worker-doc"), deliver).stopping
-            False
-        """
-        return self._stopping.is_set()
-
-    def stop(self) -> None:
+    def request_shutdown(self, *, force: bool = False) -> None:
         """Ask the worker to stop: no more claims, then finish or release in-flight ones.
 
-        Safe to call from a signal handler installed with ``loop.add_signal_handler``.
-
-        Example:
-            >>> from maildefer.queue.maildir import MaildirQueue
-            >>> async def deliver(message): ...
-            >>> w = Worker(MaildirQueue("/tmp/q-worker-doc"), deliver); w.stop(); w.stopping
-            True
-        """
-        self._stopping.set()
-
-    def in_flight(self) -> list[Claim]:
-        """The claims whose handlers are running now.
-
-        Example:
-            >>> from maildefer.queue.maildir import MaildirQueue
-            >>> async def deliver(message): ...
-            >>> Worker(MaildirQueue("/tmp/q-worker-doc"), deliver).in_flight()
-            []
-        """
-        return list(self._running.values())
-
-    # -- the run -------------------------------------------------------------------------
-
-    async def run(self) -> WorkerStats:
-        """Recover, then handle messages until :meth:`stop` (or, in burst mode, drained).
-
-        Returns:
-            The counts, also logged as the ``worker_stopped`` summary line.
+        What the first SIGTERM or SIGINT does; safe in a ``loop.add_signal_handler``
+        callback. ``force``: no grace period (if given before the drain begins).
 
         Example:
             >>> import asyncio, tempfile
             >>> from maildefer.queue.maildir import MaildirQueue
             >>> async def deliver(message): ...
-            >>> q = MaildirQueue(tempfile.mkdtemp())
-            >>> asyncio.run(Worker(q, deliver, burst=True).run()).handled
+            >>> w = Worker(MaildirQueue(tempfile.mkdtemp()), deliver)  # not a burst
+            >>> before = w.stopping; w.request_shutdown()
+            >>> before, w.stopping, asyncio.run(w.serve()).handled  # serve returns at once
+            (False, True, 0)
+        """
+        self._lifecycle.request_shutdown(force=force)
+
+    def in_flight(self) -> list[Claim]:
+        """The claims whose handlers are running now (see :meth:`serve`'s example)."""
+        return list(self._running.values())
+
+    def status_line(self) -> str:
+        """The worker's ``STATUS=`` line: its counts so far.
+
+        Example:
+            >>> import tempfile
+            >>> from maildefer.queue.maildir import MaildirQueue
+            >>> async def deliver(message): ...
+            >>> w = Worker(MaildirQueue(tempfile.mkdtemp()), deliver, name="posts")
+            >>> w.stats.handled = 3; w.status_line()
+            'posts: 3 handled, 0 in flight, 0 retried, 0 buried'
+        """
+        stats = self.stats
+        return (
+            f"{self.name}: {stats.handled} handled, {len(self._running)} in flight, "
+            f"{stats.retried} retried, {stats.buried} buried"
+        )
+
+    # -- the run -------------------------------------------------------------------------
+
+    def run(self, loop: str = "asyncio") -> WorkerStats:
+        """:meth:`serve` on a new event loop of the kind ``loop`` names (``[runtime] loop``).
+
+        Example:
+            >>> import tempfile
+            >>> from maildefer.queue.maildir import MaildirQueue
+            >>> async def deliver(message): ...
+            >>> Worker(MaildirQueue(tempfile.mkdtemp()), deliver, burst=True).run().handled
             0
         """
+        return loops.run(self.serve(), loop)
+
+    async def serve(self) -> WorkerStats:
+        """Run until :meth:`request_shutdown` or a signal (a burst: until drained).
+
+        Handles SIGTERM/SIGINT (in the main thread), serves the metrics endpoint if set,
+        says ``READY=1`` once live (never if it fails first), closes the registry at the end.
+
+        Returns:
+            The counts, also logged as the ``worker_stopped`` summary line.
+
+        Raises:
+            OSError: the metrics endpoint cannot be bound.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from maildefer.queue.maildir import MaildirQueue
+            >>> async def demo():
+            ...     q = MaildirQueue(tempfile.mkdtemp())
+            ...     await q.push(b"Subject: x\\n\\n"); await q.push(b"Subject: y\\n\\n")
+            ...     seen = []
+            ...     async def deliver(message):  # one at a time: concurrency=1
+            ...         seen.append(len(worker.in_flight()))
+            ...     worker = Worker(q, deliver, burst=True, concurrency=1)
+            ...     stats = await worker.serve()
+            ...     return seen, stats.handled, worker.in_flight(), await q.count()
+            >>> asyncio.run(demo())
+            ([1, 1], 2, [], 0)
+        """
+        loop = asyncio.get_running_loop()
+        async with self._lifecycle:
+            work: asyncio.Task[WorkerStats] | None = None
+            live: asyncio.Task[object] | None = None
+            try:
+                if self.metrics is not None and self.metrics_endpoint is not None:
+                    await self.metrics.start_endpoint(self.metrics_endpoint, self._log)
+                work = loop.create_task(self._work())
+                live = loop.create_task(self.ready.wait())
+                # READY=1 only once the worker is live; a worker that fails first never says it.
+                await asyncio.wait([work, live], return_when=asyncio.FIRST_COMPLETED)
+                if self.ready.is_set() and not self.stopping:
+                    self._lifecycle.ready(self.status_line())
+                return await work
+            finally:
+                if live is not None:
+                    await _cancel(live)
+                if work is not None:
+                    await _cancel(work)  # serve() itself was cancelled
+                # A burst that finished, or a failure: STOPPING=1 all the same (once).
+                self._lifecycle.announce_stopping(self.status_line())
+                if self.metrics is not None:
+                    await self.metrics.stop_http()
+                if self.registry is not None:
+                    await self.registry.close()
+
+    def _exit_at_once(self, signame: str) -> None:
+        """A second signal: exit now, leaving the claims in ``cur/`` for recovery."""
+        self._log.warning("worker_killed", reason="second signal", in_flight=len(self._running))
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)  # in-flight claims stay in cur/ for the next recovery
+
+    async def _work(self) -> WorkerStats:
+        """Recover, then handle messages until a shutdown (or, in burst mode, drained)."""
         context: AbstractContextManager[object] = (
             self.registry.active() if self.registry is not None else nullcontext()
         )
@@ -221,9 +304,7 @@ class Worker:
         with context, structlog.contextvars.bound_contextvars(queue=self.backend.url):
             report = await self.backend.recover()
             if self.metrics is not None and report.quarantined:
-                self.metrics.undeliverable.labels(queue=self.name, reason="poison").inc(
-                    report.quarantined
-                )
+                self.metrics.buried(self.name, "poison", count=report.quarantined)
             self._log.info(
                 "worker_started",
                 concurrency=self.concurrency,
@@ -232,19 +313,19 @@ class Worker:
                 recovered=report.returned,
                 quarantined=report.quarantined,
                 due=report.due,
-                loop=running_loop_name(),
+                loop=loops.running_loop_name(),
             )
             claims = self._claims()
             loop = asyncio.get_running_loop()
             pull: asyncio.Task[object] = loop.create_task(self._pull(claims))
-            stop: asyncio.Task[object] = loop.create_task(self._stopping.wait())
+            stop: asyncio.Task[object] = loop.create_task(self._lifecycle.wait())
             heartbeat = self._start_heartbeat()
             expiry = loop.create_task(self._expire_overdue())
             try:
                 await asyncio.wait([pull, stop], return_when=asyncio.FIRST_COMPLETED)
                 if pull.done() and _failure(pull) is None:
                     # Burst mode, drained: wait for the last handlers (or a stop).
-                    while self._running and not self._stopping.is_set():
+                    while self._running and not self.stopping:
                         await asyncio.wait(
                             [*self._running, stop], return_when=asyncio.FIRST_COMPLETED
                         )
@@ -302,6 +383,8 @@ class Worker:
         if not self._running:
             return
         wait = self.grace_period if grace is None else grace
+        if self._lifecycle.forced:
+            wait = 0.0
         tasks = list(self._running)
         if wait > 0:
             await asyncio.wait(tasks, timeout=wait)
@@ -332,9 +415,8 @@ class Worker:
         """A claim's handlers ended: no deadline any more. Was it the timeout?
 
         Called in its task before it awaits anything else (the ack, the retry), so the
-        timer task cannot cancel those. A cancellation that was the timeout is undone.
-        Keyed by claim, not task: ``asyncio.current_task`` per message cost 5 % of a
-        no-op drain on Python 3.11 (py-spy).
+        timer task cannot cancel those; a cancellation that was the timeout is undone.
+        Keyed by claim: ``asyncio.current_task`` per message cost 5 % of a no-op drain.
         """
         self._deadlines.pop(claim, None)
         if claim not in self._expired:
@@ -373,21 +455,23 @@ class Worker:
         queued_at = claim.queued_at
         latency = None if queued_at is None else (started - queued_at) * 1000
         t0 = time.perf_counter()
-        gauges = self._instruments
-        if gauges is not None and claim.attempts == 0 and queued_at is not None:
+        instruments = self._instruments
+        if instruments is not None and claim.attempts == 0:
             # First attempts only: a retry's key time is its first push, and its
             # backoff would swamp the push-to-claim latency the histogram shows.
-            gauges.pickup.observe(max(0.0, started - queued_at))
+            instruments.picked_up(queued_at, started)
         try:
-            if gauges is None:
+            if instruments is None:
                 await self.deliver(claim.message)
             else:
-                gauges.in_flight.inc()
+                # The children themselves, not instruments.handling(): a context manager
+                # per message is measurable on a no-op drain.
+                instruments.in_flight.inc()
                 try:
                     await self.deliver(claim.message)
                 finally:
-                    gauges.in_flight.dec()
-                    gauges.seconds.observe(time.perf_counter() - t0)
+                    instruments.in_flight.dec()
+                    instruments.seconds.observe(time.perf_counter() - t0)
             failure: BaseException | None = None
         except (asyncio.CancelledError, Exception) as exc:
             failure = exc
@@ -433,7 +517,7 @@ class Worker:
                     stats.retried += 1
                     if self.metrics is not None:
                         self.metrics.retried(self.name)
-                else:
+                else:  # out of attempts: the backend buried it
                     stats.buried += 1
                     outcome = "buried"
                     if self.metrics is not None:
@@ -486,20 +570,6 @@ class Worker:
         else:
             last = error.rstrip().rpartition("\n")[2]
             self._log.warning("message", error=sanitize(last, 300), **fields)
-
-
-class _Instruments:
-    """A worker's metrics, labelled once: ``labels()`` per message costs more than the update.
-
-    What :meth:`Metrics.picked_up <maildefer.ops.metrics.Metrics.picked_up>` and
-    :meth:`Metrics.handling <maildefer.ops.metrics.Metrics.handling>` record, on the same
-    children, for under a third of their cost per message (measured: ~6 against ~22 µs).
-    """
-
-    def __init__(self, metrics: Metrics, queue: str) -> None:
-        self.pickup = metrics.pickup_seconds.labels(queue=queue)
-        self.in_flight = metrics.in_flight.labels(side="worker", queue=queue)
-        self.seconds = metrics.handler_seconds.labels(side="worker", queue=queue)
 
 
 def _error_text(exc: BaseException) -> str:

@@ -154,7 +154,7 @@ def failing_fsync(
     """Make ``os.fsync`` fail with EIO for the queue paths ``which`` selects.
 
     Patched on the ``os`` module itself, so it holds wherever the queue code calls it
-    from (maildir.py or its writer); every other fsync goes through untouched.
+    from (queue.py, store.py or the writer); every other fsync goes through untouched.
     """
     real = os.fsync
     failed: list[str] = []
@@ -247,7 +247,7 @@ async def test_bury_on_a_full_disk_keeps_the_original(
         # Same filesystem: nothing left at all. Elsewhere: room for the error record, not
         # for the copy of the message (a rename across filesystems is a copy).
         fill(fs, leave=0 if layout == "same filesystem" else 2 * PAGE)
-        stats = await Worker(q, no_route, burst=True).run()
+        stats = await Worker(q, no_route, burst=True).serve()
         assert stats.buried == 0
         assert "queue_op_failed" in quiet_logs.getvalue()
         # Not lost: the original was given back to new/ when the worker stopped (it is not
@@ -268,7 +268,7 @@ async def test_bury_across_filesystems_leaves_no_partial_copy(
         q = MaildirQueue(tmp_path / "q", undeliverable=dead.path)
         await q.push(message(1, 60_000))
         fill(fs, leave=2 * PAGE)
-        await Worker(q, no_route, burst=True).run()
+        await Worker(q, no_route, burst=True).serve()
         assert files(dead.dir("new")) == [] and files(dead.dir("tmp")) == []
 
 

@@ -53,11 +53,11 @@ async def test_corpus_is_byte_exact_through_the_queue(corpus: list[Path], tmp_pa
         for raw in _variants(path.read_bytes()):
             request = MailRequest(raw, mail_from="s@x", rcpt_tos=["hidden@bcc.example"])
             key = await q.push(request)
-            claim = q.claim_now(key)
+            claim = q.claim_sync(key)
             assert claim is not None
             assert claim.message.raw == raw, path.name
             assert claim.message.rcpt_tos == ["hidden@bcc.example"]
-            q.ack_now(claim)
+            q.ack_sync(claim)
     assert await q.count() == 0
 
 
@@ -117,7 +117,7 @@ async def test_corrupt_files_are_buried_not_handed_out(corpus: list[Path], tmp_p
         for n, blob in enumerate(damaged):
             filename = f"{path.stem}-{n}.corrupt.host"
             (q.dir("new") / filename).write_bytes(blob)
-            assert q.claim_now(filename) is None
+            assert q.claim_sync(filename) is None
             expected += 1
             record = dead.error_record(filename)
             assert record is not None and record["reason"] == "corrupt", filename

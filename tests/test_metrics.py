@@ -47,7 +47,7 @@ async def test_endpoint_on_port_zero_shows_counters_moving(tmp_path: Path) -> No
             during = samples((await asyncio.to_thread(scrape, port))[2])
         with pytest.raises(RuntimeError), metrics.handling("serve"):
             raise RuntimeError("a handler failed: still timed, no longer in flight")
-        metrics.picked_up("posts", queued_at=time.time() - 2.0)
+        metrics.instruments("worker", "posts").picked_up(queued_at=time.time() - 2.0)
         metrics.retried("posts")
         metrics.buried("posts", "poison")
 
@@ -138,3 +138,22 @@ async def test_openmetrics_is_negotiated() -> None:
     body, content_type = Metrics().exposition("application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text")
     assert body.endswith(b"# EOF\n")
+
+
+async def test_one_bundle_per_side_and_queue_records_on_the_same_children() -> None:
+    metrics = Metrics()
+    worker = metrics.instruments("worker", "posts")
+    assert metrics.instruments("worker", "posts") is worker
+    with metrics.handling("worker", "posts"):
+        assert worker.in_flight._value.get() == 1
+    worker.seconds.observe(0.5)  # what the worker does per message, on the bundle
+    worker.picked_up(queued_at=10.0, now=10.5)
+    with metrics.handling("serve"):
+        pass
+    after = samples(metrics.exposition()[0].decode())
+    worker_labels = (("queue", "posts"), ("side", "worker"))
+    assert after[("maildefer_handler_duration_seconds_count", worker_labels)] == 2
+    assert after[("maildefer_in_flight", worker_labels)] == 0
+    assert after[("maildefer_pickup_latency_seconds_count", (("queue", "posts"),))] == 1
+    # serve never picks up: no empty pickup series for it on a scrape.
+    assert ("maildefer_pickup_latency_seconds_count", (("queue", ""),)) not in after

@@ -252,7 +252,7 @@ async def test_worker_on_a_broker_queue_holds_only_as_many_messages_as_it_runs()
     try:
         for i in range(6):
             await queue.push(message(str(i)))
-        task = asyncio.create_task(worker.run())
+        task = asyncio.create_task(worker.serve())
         await asyncio.wait_for(two_running.wait(), 10)
         await asyncio.wait_for(worker.ready.wait(), 1)
         channel = await raw.channel()
@@ -262,7 +262,7 @@ async def test_worker_on_a_broker_queue_holds_only_as_many_messages_as_it_runs()
         assert declared.declaration_result.message_count == 4
         await channel.close()
         release.set()
-        worker.stop()
+        worker.request_shutdown()
         stats = await asyncio.wait_for(task, 15)
         assert stats.handled >= 2
     finally:
@@ -272,7 +272,7 @@ async def test_worker_on_a_broker_queue_holds_only_as_many_messages_as_it_runs()
         for queue_name in (
             name,
             f"{name}.undeliverable",
-            *(queue.delay_name(b) for b in queue._delay_bases()),
+            *(queue.delay_name(b) for b in queue.delay_bases()),
         ):
             await channel.queue_delete(queue_name)
         await raw.close()

@@ -71,7 +71,7 @@ async def make_queue(raw: aio_pika.abc.AbstractConnection) -> AsyncIterator[Make
     for queue in made:
         await queue.close()
     channel = await raw.channel()
-    delays = {q.delay_name(b) for q in made for b in q._delay_bases()}
+    delays = {q.delay_name(b) for q in made for b in q.delay_bases()}
     for queue_name in [name, f"{name}.undeliverable", *delays]:
         await channel.queue_delete(queue_name)
     await channel.close()
@@ -109,7 +109,7 @@ async def next_claim(claims: AsyncIterator[Claim], within: float = 5.0) -> Claim
 
 
 def corpus_message() -> bytes:
-    paths = sorted(Path("/work/shared/corpus").glob("*.eml"))
+    paths = sorted((Path(__file__).resolve().parent / "corpus").glob("*.eml"))
     if paths:
         return paths[0].read_bytes()
     return b"From: a@example.org\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"

@@ -69,7 +69,7 @@ def test_count_and_keys(project: Path, run_cli: RunCli) -> None:
 def test_show_envelope_headers_attempts_and_last_error(project: Path, run_cli: RunCli) -> None:
     q = queue(project)
     [key] = push(q)
-    claim = q.claim_now(key)
+    claim = q.claim_sync(key)
     assert claim is not None
     asyncio.run(q.retry(claim, "handler raised RuntimeError('db down')"))
     proc = run_cli("queue", "posts", "show", key, cwd=project)
@@ -117,7 +117,7 @@ def test_requeue_buried_messages(project: Path, run_cli: RunCli, where: str) -> 
     original = (q.dir("new") / key).read_bytes()
     for _ in range(2):
         [name] = [p.name for p in q.dir("new").iterdir()]
-        claim = q.claim_now(name)
+        claim = q.claim_sync(name)
         assert claim is not None
         asyncio.run(q.retry(claim, "boom"))
     dead = MaildirQueue(project / "run" / "undeliverable")

@@ -107,7 +107,7 @@ def test_sigkilled_pusher_loses_nothing_it_returned(tmp_path: Path, zygote: Zygo
     print(f"{len(promised)} returned keys, {killed_mid_write} writes killed midway")
     assert len(promised) > 10
     # The debris of killed writes goes at the next recovery: its writer is gone.
-    assert q.recover_now().tmp_removed == killed_mid_write
+    assert q.recover_sync().tmp_removed == killed_mid_write
     assert os.listdir(q.dir("tmp")) == []
 
 
@@ -126,5 +126,5 @@ async def test_sigkilled_claimer_message_comes_back(tmp_path: Path, zygote: Zygo
     assert report.returned == 1
     [back] = os.listdir(q.dir("new"))
     assert MaildirName.parse(back).key == key and MaildirName.parse(back).attempts == 1
-    claim = q.claim_now(back)
+    claim = q.claim_sync(back)
     assert claim is not None and claim.message["Subject"] == "claimed then killed"

@@ -395,12 +395,12 @@ async def test_dropped_in_files_are_claimed_with_header_envelope(tmp_path: Path)
     assert scanned == ["1700000000.foo.swp", "message~", "plain"]
     assert await q.count() == 3
     for name in scanned:
-        claim = q.claim_now(name)
+        claim = q.claim_sync(name)
         assert claim is not None and claim.key == name
         assert claim.message.mail_from == "ann@x.org"
         assert claim.message.rcpt_tos == ["bob@y.org", "cat@z.org"]
         assert claim.message.raw == raw
-        q.ack_now(claim)
+        q.ack_sync(claim)
     assert files(q.dir("new")) == [".hidden"]
 
 
@@ -412,7 +412,7 @@ async def test_exactly_one_of_two_claimers_wins(tmp_path: Path) -> None:
     b = MaildirQueue(tmp_path / "q")
     for _ in range(50):
         key = await a.push(MSG)
-        results = [a.claim_now(key), b.claim_now(key)]
+        results = [a.claim_sync(key), b.claim_sync(key)]
         assert sum(r is not None for r in results) == 1
     assert len(files(a.dir("cur"))) == 50
 
@@ -431,7 +431,7 @@ async def test_retry_backoff_survives_restart(tmp_path: Path) -> None:
     q = MaildirQueue(tmp_path / "q", options=opts)
     key = await q.push(MSG)
     for attempt in range(1, 6):
-        claim = q.claim_now(MaildirName.parse(files(q.dir("new"))[0]).filename)
+        claim = q.claim_sync(MaildirName.parse(files(q.dir("new"))[0]).filename)
         assert claim is not None and claim.attempts == attempt - 1
         before = time.time()
         assert await q.retry(claim, f"boom {attempt}") is True
@@ -456,7 +456,7 @@ async def test_jitter_spreads_delays(tmp_path: Path) -> None:
     q = MaildirQueue(tmp_path / "q", options=QueueOptions(retry_delay=100.0))
     delays = set()
     for _ in range(20):
-        claim = q.claim_now(await q.push(MSG))
+        claim = q.claim_sync(await q.push(MSG))
         assert claim is not None
         t = time.time()
         await q.retry(claim, "x")
@@ -474,7 +474,7 @@ async def test_max_attempts_buries_and_requeue_restores(tmp_path: Path) -> None:
     results = []
     for _ in range(3):
         [name] = files(q.dir("new"))
-        claim = q.claim_now(name)
+        claim = q.claim_sync(name)
         assert claim is not None
         results.append(await q.retry(claim, "handler raised ValueError"))
     assert results == [True, True, False]
@@ -491,14 +491,14 @@ async def test_max_attempts_buries_and_requeue_restores(tmp_path: Path) -> None:
     assert files(dead.dir("new")) == [] and not (dead.dir("errors") / f"{key}.json").exists()
     assert files(q.dir("new")) == [key]  # attempts reset: no ,A= field
     assert (q.dir("new") / key).read_bytes() == original
-    claim = q.claim_now(key)
+    claim = q.claim_sync(key)
     assert claim is not None and claim.attempts == 0 and claim.message.rcpt_tos == ["bcc@y"]
 
 
 async def test_release_counts_no_attempt(tmp_path: Path) -> None:
     q = MaildirQueue(tmp_path / "q")
     key = await q.push(MSG)
-    claim = q.claim_now(key)
+    claim = q.claim_sync(key)
     assert claim is not None
     await q.release(claim)
     assert files(q.dir("new")) == [key]
@@ -510,7 +510,7 @@ CLAIM_AND_EXIT = """
 import sys, os, signal
 from maildefer.queue.maildir import MaildirQueue
 q = MaildirQueue(sys.argv[1])
-assert q.claim_now(sys.argv[2]) is not None
+assert q.claim_sync(sys.argv[2]) is not None
 print("claimed", flush=True)
 if sys.argv[3] == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
@@ -543,8 +543,8 @@ async def test_dead_owner_claim_returns_to_new(tmp_path: Path, how: str) -> None
 async def test_live_owner_claim_is_left_alone(tmp_path: Path) -> None:
     q = MaildirQueue(tmp_path / "q")
     key = await q.push(MSG)
-    assert q.claim_now(key) is not None
-    report = MaildirQueue(tmp_path / "q").recover_now()
+    assert q.claim_sync(key) is not None
+    report = MaildirQueue(tmp_path / "q").recover_sync()
     assert report.returned == 0 and files(q.dir("new")) == [] and len(files(q.dir("cur"))) == 1
 
 
@@ -552,11 +552,11 @@ async def test_other_hosts_claims_use_the_lease(tmp_path: Path) -> None:
     other = MaildirQueue(tmp_path / "q", host="elsewhere", options=QueueOptions(lease=600))
     mine = MaildirQueue(tmp_path / "q", host=socket.gethostname(), options=QueueOptions(lease=600))
     old, fresh = await other.push(MSG), await other.push(MSG)
-    assert other.claim_now(old) and other.claim_now(fresh)
+    assert other.claim_sync(old) and other.claim_sync(fresh)
     stale = next(f for f in files(other.dir("cur")) if f.startswith(old))
     t = time.time() - 601
     os.utime(other.dir("cur") / stale, (t, t))
-    report = mine.recover_now()
+    report = mine.recover_sync()
     assert report.returned == 1
     assert [MaildirName.parse(f).key for f in files(mine.dir("new"))] == [old]
     assert [MaildirName.parse(f).key for f in files(mine.dir("cur"))] == [fresh]
@@ -568,7 +568,7 @@ async def test_poison_message_is_quarantined(tmp_path: Path) -> None:
     for round_ in range(1, 4):
         [name] = files(q.dir("new"))
         _claim_in_child(q, name, "kill")
-        report = q.recover_now()
+        report = q.recover_sync()
         if round_ < 3:
             assert report.returned == 1 and report.quarantined == 0
         else:
@@ -590,7 +590,7 @@ async def test_tmp_debris_older_than_36h_is_removed(tmp_path: Path) -> None:
         path = q.dir("tmp") / name
         path.write_bytes(b"partial")
         os.utime(path, (now - hours * 3600, now - hours * 3600))
-    report = q.recover_now(now=now)
+    report = q.recover_sync(now=now)
     assert report.tmp_removed == 1
     assert files(q.dir("tmp")) == ["fresh", "h35"]
 
@@ -607,7 +607,7 @@ def test_tmp_files_of_a_dead_writer_on_this_host_go_at_once(tmp_path: Path) -> N
     }
     for name in names.values():
         (q.dir("tmp") / name).write_bytes(b"partial")
-    assert q.recover_now().tmp_removed == 1
+    assert q.recover_sync().tmp_removed == 1
     assert files(q.dir("tmp")) == sorted([names["alive"], names["elsewhere"]])
 
 

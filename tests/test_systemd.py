@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from maildefer.ops.lifecycle import Lifecycle
 from maildefer.ops.systemd import Notifier, listen_fds, listen_fds_with_names, run_watchdog
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -288,3 +290,43 @@ def test_listen_fds_under_systemd_socket_activate() -> None:
             assert activator.wait(timeout=30) == 0
         finally:
             activator.kill()
+
+
+async def test_lifecycle_first_signal_stops_gracefully_the_second_forces(
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    sock, path = notify_socket
+    forced: list[str] = []
+    lifecycle = Lifecycle(lambda: "2 in flight", Notifier(path), on_force=forced.append)
+    async with lifecycle:
+        # Installed on the loop (this is the main thread): a SIGTERM cannot kill pytest.
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        lifecycle.ready("live")
+        await asyncio.sleep(0.05)  # the status task sends its first line
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(lifecycle.wait(), 5)
+        assert not lifecycle.forced and forced == []
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(500):
+            if forced:
+                break
+            await asyncio.sleep(0.01)  # the signal's callback runs on a later loop turn
+        assert lifecycle.forced and forced == ["SIGINT"]
+    # Left: the handlers are gone, and STOPPING=1 went out once, at the first signal.
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert drain(sock) == [
+        b"READY=1\nSTATUS=live",
+        b"STATUS=2 in flight",
+        b"STOPPING=1\nSTATUS=stopping: 2 in flight",
+    ]
+
+
+async def test_lifecycle_without_a_notifier_sends_nothing_and_still_stops() -> None:
+    lifecycle = Lifecycle(lambda: "idle")
+    async with lifecycle:
+        lifecycle.ready("live")
+        lifecycle.announce_stopping("done")  # no manager: nothing to tell, no error
+        assert not lifecycle.stopping
+        lifecycle.request_shutdown()
+        await asyncio.wait_for(lifecycle.wait(), 5)
+    assert lifecycle.stopping and not lifecycle.forced

@@ -71,7 +71,7 @@ async def test_burst_handles_what_is_queued_and_returns(tmp_path: Path) -> None:
     async def deliver(m: MailRequest) -> None:
         seen.append(m)
 
-    stats = await Worker(q, deliver, burst=True, concurrency=4).run()
+    stats = await Worker(q, deliver, burst=True, concurrency=4).serve()
     assert stats.handled == 50
     assert sorted(subjects_of(seen)) == sorted(f"m{i}" for i in range(50))
     assert await q.count() == 0
@@ -86,7 +86,7 @@ async def test_burst_of_files_dropped_at_once_none_missed(fast_dir: Path, n: int
     async def deliver(m: MailRequest) -> None:
         seen.add(m["Subject"] or "")
 
-    stats = await Worker(q, deliver, burst=True, concurrency=16).run()
+    stats = await Worker(q, deliver, burst=True, concurrency=16).serve()
     assert stats.handled == n
     assert len(seen) == n
     assert not list(q.scan_new())
@@ -100,11 +100,11 @@ async def test_live_worker_picks_up_a_burst_dropped_at_once(fast_dir: Path) -> N
         seen.add(m["Subject"] or "")
 
     worker = Worker(q, deliver, concurrency=8)
-    run = asyncio.create_task(worker.run())
-    await asyncio.sleep(0.2)
+    run = asyncio.create_task(worker.serve())
+    await worker.ready.wait()
     await asyncio.to_thread(drop_raw, q, 2000)
     await until(lambda: len(seen) == 2000, limit=30)
-    worker.stop()
+    worker.request_shutdown()
     stats = await run
     assert stats.handled == 2000
 
@@ -122,15 +122,15 @@ async def test_never_claims_more_than_its_slots(tmp_path: Path) -> None:
         await gate.wait()
 
     worker = Worker(q, deliver, concurrency=3)
-    run = asyncio.create_task(worker.run())
+    run = asyncio.create_task(worker.serve())
     await until(lambda: running == 3)
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # time for a fourth claim, if the worker wrongly took one
     # Exactly three claimed (in cur/), the other seventeen untouched in new/.
     assert len(os.listdir(q.dir("cur"))) == 3
     assert sum(len(b) for b in q.scan_new()) == 17
     gate.set()
     await until(lambda: running == 20)
-    worker.stop()
+    worker.request_shutdown()
     assert (await run).handled == 20
 
 
@@ -156,14 +156,14 @@ async def test_lost_events_are_caught_by_the_rescan(tmp_path: Path) -> None:
         seen.add(m["Subject"] or "")
 
     worker = Worker(q, deliver, concurrency=4)
-    run = asyncio.create_task(worker.run())
-    await asyncio.sleep(0.2)
+    run = asyncio.create_task(worker.serve())
+    await worker.ready.wait()
     for i in range(200):
         await q.push(message(i))
         if i % 20 == 0:
             await asyncio.sleep(0.05)  # separate batches, so the loss is per event
     await until(lambda: len(seen) == 200, limit=15)
-    worker.stop()
+    worker.request_shutdown()
     assert (await run).handled == 200
 
 
@@ -178,13 +178,13 @@ async def test_lossy_watcher_without_rescan_would_miss(tmp_path: Path) -> None:
         seen.add(m["Subject"] or "")
 
     worker = Worker(q, deliver, concurrency=4)
-    run = asyncio.create_task(worker.run())
-    await asyncio.sleep(0.2)
+    run = asyncio.create_task(worker.serve())
+    await worker.ready.wait()
     for i in range(40):
         await q.push(message(i))
-        await asyncio.sleep(0.02)
-    await asyncio.sleep(0.5)
-    worker.stop()
+        await asyncio.sleep(0.02)  # separate batches, so the loss is per event
+    await asyncio.sleep(0.5)  # time for the kept events to be handled before the stop
+    worker.request_shutdown()
     await run
     assert 0 < len(seen) < 40
 
@@ -207,13 +207,15 @@ async def test_a_failing_watcher_is_rebuilt_and_the_queue_rescanned(tmp_path: Pa
         seen.add(m["Subject"] or "")
 
     worker = Worker(q, deliver)
-    run = asyncio.create_task(worker.run())
+    run = asyncio.create_task(worker.serve())
     await until(lambda: calls >= 3)
+    # Not worker.ready: that was set at the first failure already. This waits for the
+    # rebuilt (third) watcher to arm, so the pushes below reach it.
     await asyncio.sleep(0.1)
     for i in range(10):
         await q.push(message(i))
     await until(lambda: len(seen) == 10)
-    worker.stop()
+    worker.request_shutdown()
     assert (await run).handled == 10
 
 
@@ -225,8 +227,8 @@ async def test_replaced_new_dir_gets_a_new_watcher(tmp_path: Path, quiet_logs: i
         seen.add(m["Subject"] or "")
 
     worker = Worker(q, deliver)
-    run = asyncio.create_task(worker.run())
-    await asyncio.sleep(0.2)
+    run = asyncio.create_task(worker.serve())
+    await worker.ready.wait()
     # Replaced (a restore, an admin's mv): a new inode, which the old watch never sees.
     os.rename(q.dir("new"), tmp_path / "old-new")
     os.mkdir(q.dir("new"))
@@ -234,7 +236,7 @@ async def test_replaced_new_dir_gets_a_new_watcher(tmp_path: Path, quiet_logs: i
     await until(lambda: "watcher_stale" in quiet_logs.getvalue())
     await q.push(message(1))
     await until(lambda: "m1" in seen)
-    worker.stop()
+    worker.request_shutdown()
     assert (await run).handled == 1
 
 
@@ -249,10 +251,10 @@ async def test_raising_handler_is_retried_then_buried_with_the_traceback(tmp_pat
         raise ValueError("handler exploded")
 
     worker = Worker(q, deliver)
-    run = asyncio.create_task(worker.run())
+    run = asyncio.create_task(worker.serve())
     dead = MaildirQueue(tmp_path / "dead")
     await until(lambda: dead.locate(key) is not None)
-    worker.stop()
+    worker.request_shutdown()
     stats = await run
     assert len(attempts) == 3
     assert all(b - a >= 0.035 for a, b in itertools.pairwise(attempts))
@@ -271,7 +273,7 @@ async def test_no_route_is_buried_at_once(tmp_path: Path) -> None:
     async def deliver(m: MailRequest) -> None:
         raise NoRouteError(f"no route matches {m.rcpt_to!r}")
 
-    stats = await Worker(q, deliver, burst=True).run()
+    stats = await Worker(q, deliver, burst=True).serve()
     assert (stats.buried, stats.retried) == (1, 0)
     record = MaildirQueue(tmp_path / "dead").error_record(key)
     assert record is not None and "no route matches" in record["error"]
@@ -285,7 +287,7 @@ async def test_handler_timeout_counts_as_a_failure(tmp_path: Path) -> None:
     async def deliver(m: MailRequest) -> None:
         await asyncio.sleep(10)
 
-    stats = await Worker(q, deliver, burst=True, handler_timeout=0.1).run()
+    stats = await Worker(q, deliver, burst=True, handler_timeout=0.1).serve()
     assert stats.buried == 1
     record = MaildirQueue(tmp_path / "dead").error_record(key)
     assert record is not None and "timed out after 0.1 s" in record["error"]
@@ -305,7 +307,7 @@ async def test_handler_timeout_never_cuts_the_ack(tmp_path: Path) -> None:
     async def deliver(m: MailRequest) -> None:
         await asyncio.sleep(0.05)
 
-    stats = await Worker(q, deliver, burst=True, handler_timeout=0.1).run()
+    stats = await Worker(q, deliver, burst=True, handler_timeout=0.1).serve()
     assert (stats.handled, stats.failed, stats.released) == (1, 0, 0)
     assert await q.count() == 0
 
@@ -322,7 +324,7 @@ async def test_handler_that_swallows_the_timeout_is_still_a_timeout(tmp_path: Pa
             raise RuntimeError("cleanup failed") from None
 
     started = time.monotonic()
-    stats = await Worker(q, deliver, burst=True, handler_timeout=0.1).run()
+    stats = await Worker(q, deliver, burst=True, handler_timeout=0.1).serve()
     assert time.monotonic() - started < 5  # cancelled at its deadline, not after 10 s
     assert stats.buried == 1
     record = MaildirQueue(tmp_path / "dead").error_record(key)
@@ -340,7 +342,7 @@ async def test_each_handler_gets_its_own_deadline(tmp_path: Path) -> None:
         await asyncio.sleep(0.12)  # each under the 0.2 s timeout; 6 in a row are not
         done.append(time.monotonic())
 
-    stats = await Worker(q, deliver, burst=True, concurrency=1, handler_timeout=0.2).run()
+    stats = await Worker(q, deliver, burst=True, concurrency=1, handler_timeout=0.2).serve()
     assert (stats.handled, stats.failed) == (6, 0)
     assert len(done) == 6
 
@@ -348,7 +350,7 @@ async def test_each_handler_gets_its_own_deadline(tmp_path: Path) -> None:
 async def test_stop_finishes_in_flight_and_releases_past_the_grace(tmp_path: Path) -> None:
     q = MaildirQueue(tmp_path / "q")
     fast = await q.push(message(1))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # two distinct push times
     slow = await q.push(message(2))
     started: list[str] = []
     finished: list[str] = []
@@ -360,9 +362,9 @@ async def test_stop_finishes_in_flight_and_releases_past_the_grace(tmp_path: Pat
         finished.append(subject)
 
     worker = Worker(q, deliver, grace_period=0.6)
-    run = asyncio.create_task(worker.run())
+    run = asyncio.create_task(worker.serve())
     await until(lambda: len(started) == 2)
-    worker.stop()
+    worker.request_shutdown()
     stats = await run
     assert finished == ["m1"]
     assert (stats.handled, stats.released) == (1, 1)
@@ -383,9 +385,9 @@ async def test_due_retry_is_promoted_by_the_timer(tmp_path: Path) -> None:
             raise RuntimeError("once")
 
     worker = Worker(q, deliver)
-    run = asyncio.create_task(worker.run())
+    run = asyncio.create_task(worker.serve())
     await until(lambda: len(calls) == 2, limit=5)
-    worker.stop()
+    worker.request_shutdown()
     stats = await run
     assert stats.handled == 1 and stats.retried == 1
     assert 0.2 <= calls[1] - calls[0] < 1.0  # due time (x0.8-1.2 jitter), not the rescan
@@ -404,7 +406,7 @@ async def test_handlers_share_the_registry_backends(tmp_path: Path) -> None:
         backends.append(Queue(tmp_path / "out").backend)
         backends.append(Queue(tmp_path / "out").backend)
 
-    await Worker(q, deliver, burst=True, registry=registry).run()
+    await Worker(q, deliver, burst=True, registry=registry).serve()
     assert backends[0] is backends[1]
 
 
@@ -432,11 +434,11 @@ async def test_polling_mode_runs_no_watcher(tmp_path: Path) -> None:
         seen.add(m["Subject"] or "")
 
     worker = Worker(q, deliver)
-    run = asyncio.create_task(worker.run())
-    await asyncio.sleep(0.1)
+    run = asyncio.create_task(worker.serve())
+    await worker.ready.wait()
     await q.push(message(7))
     await until(lambda: "m7" in seen, limit=2)
-    worker.stop()
+    worker.request_shutdown()
     assert (await run).handled == 1
 
 
@@ -449,7 +451,7 @@ async def test_one_canonical_log_line_per_message(tmp_path: Path, quiet_logs: io
         if m["Subject"] == "m2":
             raise ValueError("nope")
 
-    await Worker(q, deliver, burst=True, handlers=["app.handlers.index"]).run()
+    await Worker(q, deliver, burst=True, handlers=["app.handlers.index"]).serve()
     lines = [json.loads(line) for line in quiet_logs.getvalue().splitlines()]
     per_message = {line["key"]: line for line in lines if line["event"] == "message"}
     assert set(per_message) == {ok, bad}
@@ -475,7 +477,7 @@ async def test_shared_fs_heartbeat_renews_in_flight_leases(tmp_path: Path) -> No
         await gate.wait()
 
     worker = Worker(q, deliver)
-    run = asyncio.create_task(worker.run())
+    run = asyncio.create_task(worker.serve())
     await started.wait()
     (claimed,) = os.listdir(q.dir("cur"))
     old = time.time() - 3600
@@ -483,7 +485,7 @@ async def test_shared_fs_heartbeat_renews_in_flight_leases(tmp_path: Path) -> No
     # Within a lease/3 beat the claim looks fresh again, so no peer recovers it.
     await until(lambda: os.stat(q.dir("cur") / claimed).st_mtime > old + 3000, limit=2)
     gate.set()
-    worker.stop()
+    worker.request_shutdown()
     assert (await run).handled == 1
 
 
@@ -507,9 +509,9 @@ async def test_a_claim_whose_bury_failed_goes_back_to_new(
 
     worker = Worker(q, deliver)
     worker.release_delay = 0.1
-    run = asyncio.create_task(worker.run())
+    run = asyncio.create_task(worker.serve())
     await until(lambda: len(calls) >= 2)  # given back to new/, claimed and failed again
-    worker.stop()
+    worker.request_shutdown()
     await run
     # Whatever happened last, the message is back in new/, not stranded in cur/.
     assert q.locate(key) is not None and q.locate(key)[0] == "new"  # type: ignore[index]

@@ -218,7 +218,7 @@ def test_poison_message_is_quarantined_after_three_crashes(project: Project) -> 
     assert len(buried) == 1
     record = project.dead.error_record(buried[0].split(",")[0])
     assert record is not None and record["reason"] == "poison"
-    assert project.dead.read_now("new", buried[0])["Subject"] == "poison"
+    assert project.dead.read_sync("new", buried[0])["Subject"] == "poison"
 
 
 def test_sigterm_lets_in_flight_handlers_finish(project: Project) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,29 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
+def enter_project(settings: Settings, *, chdir: bool = False) -> None:
+    """Make the project's handler modules importable: its root first on ``sys.path``.
+
+    The root is the directory holding ``config/``, where ``app.handlers.*`` live.
+    ``serve``, ``worker`` and ``routes`` import handlers; ``serve`` also works from the
+    root (``chdir``), so a handler's ``Queue("run/posts")`` lands in the project whatever
+    directory it was started from.
+
+    Example:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> enter_project(Settings(root=root)); enter_project(Settings(root=root))
+        >>> sys.path[0] == root, sys.path.count(root)  # first, and only once
+        (True, 1)
+        >>> sys.path.remove(root)
+    """
+    root = str(settings.root)
+    if chdir:
+        os.chdir(root)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def _selected(argv: Sequence[str]) -> str | None:
     """The command named in ``argv`` (the first positional word), if any."""
     words = iter(argv)
@@ -75,8 +99,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add a second to each worker start, which restarts after a crash pay for.
 
     Example:
-        >>> build_parser("queue").prog
-        'maildefer'
+        >>> build_parser("routes").parse_args(["routes", "--test", "a@example.com"]).test
+        'a@example.com'
     """
     parser = _Parser(
         prog="maildefer",

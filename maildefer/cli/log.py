@@ -21,13 +21,13 @@ import argparse
 
 import structlog
 
-from maildefer.cli.serve import with_overrides
+from maildefer.cli.options import with_overrides
 from maildefer.mail import MailRequest
 from maildefer.queue import Queue
 from maildefer.queue.config import resolve_queue
 from maildefer.settings import Settings
+from maildefer.smtp.policy import AcceptAll
 from maildefer.smtp.server import Server
-from maildefer.smtp.session import AcceptAll
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,15 +57,20 @@ def log_server(settings: Settings, queue: str) -> Server:
         key = await Queue(target).push(message)
         structlog.get_logger("maildefer.log").info("logged", queue=target, key=key)
 
-    return Server(settings, recipients=AcceptAll(push), per_recipient=False)
+    return Server(settings, router=AcceptAll(push), per_recipient=False)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT; 1 if the port cannot be bound.
 
     Example:
-        >>> run  # doctest: +ELLIPSIS
-        <function run at ...>
+        >>> import io, socket
+        >>> from maildefer import logs; logs.configure(stream=io.StringIO())
+        >>> with socket.create_server(("127.0.0.1", 0)) as taken:  # the port is in use
+        ...     port = taken.getsockname()[1]
+        ...     ns = argparse.Namespace(host="127.0.0.1", port=port, queue="/tmp/q-doc-log")
+        ...     run(ns, Settings())
+        1
     """
     settings = with_overrides(settings, args.host, args.port)
     server = log_server(settings, args.queue)

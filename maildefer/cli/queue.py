@@ -69,7 +69,7 @@ async def _run(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
         for key in await backend.keys():
             print(key, file=out)
     elif args.action == "show":
-        return _show(backend, settings, args.key, out)
+        return await _show(backend, args.key, out)
     elif args.action == "pop":
         popped = await backend.pop()
         if popped is None:
@@ -96,8 +96,8 @@ async def _run(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     return 0
 
 
-def _show(backend: MaildirQueue, settings: Settings, key: str, out: TextIO) -> int:
-    where = backend.locate(key)
+async def _show(backend: MaildirQueue, key: str, out: TextIO) -> int:
+    where = await asyncio.to_thread(backend.locate, key)
     if where is None:
         print(f"no message {key} in {backend.url}", file=sys.stderr)
         return 1
@@ -115,7 +115,7 @@ def _show(backend: MaildirQueue, settings: Settings, key: str, out: TextIO) -> i
     if name.field("W"):
         print(f"claimed by: {name.field('W')}", file=out)
     try:
-        message = backend.read_now(sub, filename)
+        message = await backend.read(sub, filename)  # through aiofiles
     except CorruptMessageError as exc:
         print(f"corrupt:    {exc}", file=out)
         return 1

@@ -19,6 +19,7 @@ import argparse
 import sys
 from typing import TextIO
 
+from maildefer.cli import enter_project
 from maildefer.errors import ConfigError, RoutingError
 from maildefer.routing import Route, Router
 from maildefer.settings import Settings
@@ -84,9 +85,7 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None)
         1
     """
     out = out if out is not None else sys.stdout
-    root = str(settings.root)
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    enter_project(settings)
     if args.test is None:
         for title, modules in sections(settings):
             if not modules:

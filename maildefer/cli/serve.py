@@ -25,14 +25,11 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import structlog
-from pydantic import ValidationError
 
-from maildefer.errors import ConfigError
-from maildefer.loops import add_loop_argument
+from maildefer.cli import enter_project
+from maildefer.cli.options import add_loop_argument, with_loop, with_overrides
 from maildefer.ops.metrics import Metrics
 from maildefer.ops.systemd import Notifier, listen_fds
 from maildefer.settings import Settings
@@ -52,58 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_loop_argument(parser)
 
 
-def with_loop(settings: Settings, loop: str | None) -> Settings:
-    """The settings with ``--loop`` applied (``None`` leaves ``[runtime] loop``).
-
-    Example:
-        >>> with_loop(Settings(), "uvloop").runtime.loop
-        'uvloop'
-        >>> with_loop(Settings(), None).runtime.loop
-        'auto'
-    """
-    if loop is None:
-        return settings
-    runtime = type(settings.runtime).model_validate({"loop": loop})
-    return settings.model_copy(update={"runtime": runtime})
-
-
-def with_overrides(settings: Settings, host: str | None, port: int | None) -> Settings:
-    """The settings with ``--host``/``--port`` applied (validated like the file).
-
-    Raises:
-        ConfigError: a value is out of range (one line, exit 2).
-
-    Example:
-        >>> with_overrides(Settings(), None, 2525).server.port
-        2525
-    """
-    changes: dict[str, object] = {}
-    if host is not None:
-        changes["host"] = host
-    if port is not None:
-        changes["port"] = port
-    if not changes:
-        return settings
-    try:
-        server = type(settings.server).model_validate({**settings.server.model_dump(), **changes})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"--host/--port: {first.get('msg', 'invalid')}") from None
-    return settings.model_copy(update={"server": server})
-
-
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT.
+    """Serve until SIGTERM or SIGINT; 1 if the address cannot be bound.
 
     Example:
-        >>> run  # doctest: +ELLIPSIS
-        <function run at ...>
+        >>> ns = argparse.Namespace(host=None, port=70000, loop=None)
+        >>> run(ns, Settings())
+        Traceback (most recent call last):
+        ...
+        maildefer.errors.ConfigError: --host/--port: Input should be less than or equal to 65535
     """
     settings = with_loop(with_overrides(settings, args.host, args.port), args.loop)
-    root = str(settings.root)
-    os.chdir(root)
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    enter_project(settings, chdir=True)
     # The counters also feed STATUS=, so they exist even when no endpoint serves them.
     server = Server(
         settings,

@@ -3,15 +3,14 @@
 For every ``[queues.*]`` maildir in the settings and for the undeliverable queue, it
 reports how many messages wait in ``new/``, wait out a retry backoff in ``later/``, are
 claimed by a worker in ``cur/``, how old the oldest waiting one is, and how many of the
-queue's messages were buried as undeliverable. It lists directories only (``scandir``),
-reads no message, and creates nothing, so a monitoring check may run it every minute.
+queue's messages were buried as undeliverable. It lists directories only, reads no
+message, and creates nothing, so a monitoring check may run it every minute.
 
 Exit status: ``0`` every figure within its threshold; ``1`` a threshold was exceeded
 (each breach printed on its own line, ``EXCEEDED ...``); ``2`` bad usage or settings.
 
-Ages come from the maildir key (``<sec>.M<usec>...``: when it was first queued, so a
-retried message counts from its first arrival), or the file's mtime for names made by
-other programs.
+The figures come from :mod:`maildefer.queue.maildir.inspect` (shared with the metrics
+collector); this module adds the thresholds and the rendering.
 
 Example:
     >>> import tempfile, pathlib
@@ -30,150 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
-from collections import Counter
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any, TextIO
 
-from maildefer.queue.maildir import MaildirQueue
-from maildefer.queue.maildir.names import MaildirName
+from maildefer.queue.maildir.inspect import UNDELIVERABLE, QueueReport, collect
 from maildefer.settings import Settings
-
-UNDELIVERABLE = "(undeliverable)"
-"""The row name of the undeliverable queue."""
 
 EXIT_OK = 0
 EXIT_EXCEEDED = 1
-
-
-@dataclass
-class QueueReport:
-    """One queue's figures.
-
-    Attributes:
-        name: the ``[queues.NAME]`` table name (or ``(undeliverable)``).
-        path: the queue directory.
-        new: messages waiting to be claimed.
-        delayed: messages waiting out a retry backoff (``later/``).
-        claimed: messages a worker holds (``cur/``).
-        oldest_age: seconds since the oldest message in ``new/`` was queued, or ``None``.
-        undeliverable: this queue's messages in the undeliverable queue (``None`` for the
-            undeliverable queue itself).
-
-    Example:
-        >>> QueueReport("posts", "/q").new
-        0
-    """
-
-    name: str
-    path: str
-    new: int = 0
-    delayed: int = 0
-    claimed: int = 0
-    oldest_age: float | None = None
-    undeliverable: int | None = 0
-
-
-def key_time(filename: str) -> float | None:
-    """When a message was queued, from its maildir key's ``<sec>.M<usec>`` part.
-
-    Example:
-        >>> key_time("1700000000.M250000P1Q1Rab.host,A=2")
-        1700000000.25
-        >>> key_time("mutt-dropped-file") is None
-        True
-    """
-    sec, _, rest = MaildirName.parse(filename).key.partition(".")
-    if not sec.isdigit():
-        return None
-    usec = rest[1:].partition("P")[0] if rest.startswith("M") else ""
-    return int(sec) + (int(usec) / 1e6 if usec.isdigit() else 0.0)
-
-
-def _scan(folder: Path) -> tuple[int, float | None]:
-    """Message count of one directory, and the earliest queue time among them."""
-    count, earliest = 0, None
-    try:
-        with os.scandir(folder) as it:
-            for entry in it:
-                if entry.name.startswith("."):
-                    continue  # maildir readers skip dot-files (in-progress writes)
-                when = key_time(entry.name)
-                if when is None:
-                    try:
-                        when = entry.stat().st_mtime
-                    except FileNotFoundError:
-                        continue  # claimed or removed while we looked
-                count += 1
-                earliest = when if earliest is None else min(earliest, when)
-    except FileNotFoundError:
-        pass  # queues are created on first use: not there yet means empty
-    return count, earliest
-
-
-def inspect_queue(name: str, queue: MaildirQueue, now: float | None = None) -> QueueReport:
-    """Count one maildir queue's states and the age of its oldest waiting message.
-
-    Example:
-        >>> import asyncio, tempfile
-        >>> q = MaildirQueue(tempfile.mkdtemp())
-        >>> _ = asyncio.run(q.push(b"Subject: x\\n\\n"))
-        >>> r = inspect_queue("posts", q); (r.new, r.claimed, r.oldest_age < 60)
-        (1, 0, True)
-    """
-    now = time.time() if now is None else now
-    new, earliest = _scan(queue.dir("new"))
-    delayed, _ = _scan(queue.dir("later"))
-    claimed, _ = _scan(queue.dir("cur"))
-    age = None if earliest is None else max(0.0, now - earliest)
-    return QueueReport(name, str(queue.path), new, delayed, claimed, age)
-
-
-def _undeliverable_sources(dead: MaildirQueue) -> Counter[str]:
-    """How many buried messages came from each queue path (their error records)."""
-    sources: Counter[str] = Counter()
-    for sub in ("new", "later", "cur"):
-        try:
-            with os.scandir(dead.dir(sub)) as it:
-                keys = [MaildirName.parse(e.name).key for e in it if not e.name.startswith(".")]
-        except FileNotFoundError:
-            continue
-        for key in keys:
-            try:
-                record = json.loads((dead.dir("errors") / f"{key}.json").read_bytes())
-                sources[str(record.get("queue", ""))] += 1
-            except (OSError, ValueError, AttributeError):
-                sources[""] += 1  # dropped in by hand, or no record: origin unknown
-    return sources
-
-
-def collect(settings: Settings, now: float | None = None) -> list[QueueReport]:
-    """Reports for every maildir queue in the settings, then the undeliverable queue.
-
-    Broker (``amqp://``) queues are skipped: their depth is the broker's to report.
-
-    Example:
-        >>> [r.name for r in collect(Settings(queues={"posts": {"path": "/tmp/nope"}}))]
-        ['posts', '(undeliverable)']
-    """
-    now = time.time() if now is None else now
-    dead = MaildirQueue(settings.resolve(settings.undeliverable.path))
-    sources = _undeliverable_sources(dead)
-    reports = []
-    for name, queue_settings in sorted(settings.queues.items()):
-        if "://" in queue_settings.path:
-            continue
-        queue = MaildirQueue(settings.resolve(queue_settings.path))
-        report = inspect_queue(name, queue, now)
-        report.undeliverable = sources.get(str(queue.path), 0)
-        reports.append(report)
-    dead_report = inspect_queue(UNDELIVERABLE, dead, now)
-    dead_report.undeliverable = None
-    reports.append(dead_report)
-    return reports
 
 
 def breaches(
@@ -275,7 +139,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """Print the report; exit 1 when a threshold is exceeded.
 
     Example:
-        >>> import tempfile
+        >>> import tempfile; from pathlib import Path
         >>> ns = argparse.Namespace(max_depth=None, max_age=None, max_undeliverable=0,
         ...                         json=True)
         >>> run(ns, Settings(root=Path(tempfile.mkdtemp())))  # doctest: +ELLIPSIS
@@ -289,11 +153,16 @@ def report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """:func:`run` writing to ``out``.
 
     Example:
-        >>> import io, tempfile; buf = io.StringIO()
+        >>> import io, tempfile; from pathlib import Path
+        >>> root = Path(tempfile.mkdtemp()); buf = io.StringIO()
+        >>> _ = (root / "run" / "posts" / "new").mkdir(parents=True)
+        >>> _ = (root / "run" / "posts" / "new" / "dropped").write_bytes(b"")
         >>> ns = argparse.Namespace(max_depth=0, max_age=None, max_undeliverable=None,
         ...                         json=False)
-        >>> report(ns, Settings(root=Path(tempfile.mkdtemp())), buf)
-        0
+        >>> report(ns, Settings(root=root, queues={"posts": {"path": "run/posts"}}), buf)
+        1
+        >>> buf.getvalue().splitlines()[-1]
+        'EXCEEDED posts: 1 messages waiting > --max-depth 0'
     """
     reports = collect(settings)
     exceeded = breaches(

@@ -28,29 +28,23 @@ Example:
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import signal
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
-from maildefer import loops
+from maildefer.cli import enter_project
+from maildefer.cli.options import add_loop_argument
 from maildefer.errors import ConfigError, MaildeferError, RoutingError
-from maildefer.ops.systemd import Notifier, run_status, run_watchdog
+from maildefer.ops.systemd import Notifier
 from maildefer.queue.config import QueueRegistry, queue_options, resolve_queue
 from maildefer.queue.maildir import MaildirQueue
 from maildefer.routing import Router
-from maildefer.settings import MetricsSettings, Settings
+from maildefer.settings import Settings
 from maildefer.state import state_store_for
 from maildefer.worker import Worker
 
 if TYPE_CHECKING:
     from maildefer.ops.metrics import Metrics
-
-STATUS_INTERVAL = 5.0
-"""Seconds between ``STATUS=`` updates (sent only when the text changed)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="handle what is queued (and retries already due), then exit 0",
     )
-    loops.add_loop_argument(parser)
+    add_loop_argument(parser)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -99,9 +93,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if concurrency < 1:
         raise ConfigError(f"--concurrency {concurrency}: expected at least 1")
     # Handler modules live in the project (app/handlers), importable from its root.
-    root = str(settings.root)
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    enter_project(settings)
     try:
         router = Router.from_modules(
             queue.handlers, defaults=settings.router.defaults, state=state_store_for(settings)
@@ -129,16 +121,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         handlers=queue.handlers,
         registry=registry,
         metrics=metrics,
+        metrics_endpoint=settings.metrics,
+        notifier=Notifier.from_environ(unset=True),
         name=name,
     )
-    log = structlog.get_logger("maildefer.worker")
     try:
-        loop = settings.runtime.loop if args.loop is None else args.loop
-        loops.run(_serve(worker, registry, metrics, settings.metrics), loop)
+        worker.run(settings.runtime.loop if args.loop is None else args.loop)
     except MaildeferError:
         raise
     except Exception:
-        log.exception("worker_failed", queue=backend.url)
+        structlog.get_logger("maildefer.worker").exception("worker_failed", queue=backend.url)
         return 1
     return 0
 
@@ -160,83 +152,3 @@ def queue_name(settings: Settings, ref: str) -> str:
         if queue is target:
             return name
     return ref
-
-
-def describe(worker: Worker) -> str:
-    """The worker's ``STATUS=`` line.
-
-    Example:
-        >>> from maildefer.queue.maildir import MaildirQueue
-        >>> async def deliver(message): ...
-        >>> describe(Worker(MaildirQueue("/tmp/q-worker-doc"), deliver, name="posts"))
-        'posts: 0 handled, 0 in flight, 0 retried, 0 buried'
-    """
-    stats = worker.stats
-    return (
-        f"{worker.name}: {stats.handled} handled, {len(worker.in_flight())} in flight, "
-        f"{stats.retried} retried, {stats.buried} buried"
-    )
-
-
-async def _serve(
-    worker: Worker,
-    registry: QueueRegistry,
-    metrics: Metrics | None = None,
-    endpoint: MetricsSettings | None = None,
-) -> None:
-    """Run the worker with signals, systemd notification, the watchdog and metrics."""
-    loop = asyncio.get_running_loop()
-    log = structlog.get_logger("maildefer.worker")
-    notifier = Notifier.from_environ(unset=True)
-    force = asyncio.Event()
-
-    def on_signal(signum: int) -> None:
-        # Signals only set events; the tasks below act on them.
-        if worker.stopping:
-            force.set()
-        else:
-            # STOPPING=1 now, while in-flight handlers drain, not once they are done.
-            notifier.stopping(f"stopping: {describe(worker)}")
-            worker.stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-
-    async def exit_at_once() -> None:
-        await force.wait()
-        structlog.get_logger("maildefer.worker").warning(
-            "worker_killed", reason="second signal", in_flight=len(worker.in_flight())
-        )
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(1)  # in-flight claims stay in cur/ for the next recovery
-
-    forced = loop.create_task(exit_at_once())
-    watchdog = loop.create_task(run_watchdog(notifier))
-    helpers: list[asyncio.Task[Any]] = [forced, watchdog]
-    try:
-        if metrics is not None and endpoint is not None and endpoint.port is not None:
-            port = await metrics.start_http(endpoint.host, endpoint.port)
-            log.info("metrics_listening", host=endpoint.host, port=port)
-        run = loop.create_task(worker.run())
-        live = loop.create_task(worker.ready.wait())
-        helpers.append(live)
-        # READY=1 only once the worker is live; a worker that fails first never says it.
-        await asyncio.wait([run, live], return_when=asyncio.FIRST_COMPLETED)
-        if worker.ready.is_set() and not worker.stopping:
-            notifier.ready(describe(worker))
-            helpers.append(
-                loop.create_task(run_status(notifier, lambda: describe(worker), STATUS_INTERVAL))
-            )
-        await run
-    finally:
-        if not worker.stopping:
-            notifier.stopping(describe(worker))  # a burst that finished, or a failure
-        for task in helpers:
-            task.cancel()
-        await asyncio.gather(*helpers, return_exceptions=True)
-        if metrics is not None:
-            await metrics.stop_http()
-        await registry.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)

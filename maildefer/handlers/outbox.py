@@ -33,7 +33,17 @@ async def START(message: MailRequest, address: str) -> None:
     """Relay one queued message to all of its envelope recipients.
 
     Example:
-        >>> START.__name__
-        'START'
+        It sends through the relay active in its context (the worker activates
+        ``[relay]``); with nothing listening there, the failure propagates, so the worker
+        retries the message:
+
+        >>> import asyncio
+        >>> from maildefer.relay import Relay
+        >>> message = MailRequest(b"Subject: hi\\r\\n\\r\\n", mail_from="a@x", rcpt_tos=["b@y"])
+        >>> with Relay(port=1, timeout=2.0).active():  # nothing listens on port 1
+        ...     asyncio.run(START(message, address="b@y"))
+        Traceback (most recent call last):
+        ...
+        aiosmtplib.errors.SMTPConnectError: Error connecting to 127.0.0.1 on port 1: ...
     """
     await deliver(message)

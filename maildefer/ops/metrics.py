@@ -23,7 +23,7 @@ Metric names (``maildefer_`` prefix)::
 Example:
     >>> m = Metrics()
     >>> m.message_received(); m.message_refused(550)
-    >>> with m.handling("worker", "posts"):
+    >>> with m.handling("serve"):
     ...     pass
     >>> body, _ = m.exposition()
     >>> b'maildefer_messages_refused_total{code="550"} 1.0' in body
@@ -37,14 +37,16 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from maildefer.cli.status import inspect_queue
 from maildefer.queue.maildir import MaildirQueue
+from maildefer.queue.maildir.inspect import inspect_queue
+from maildefer.settings import MetricsSettings
 
 HANDLER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 """Seconds; up to the default worker ``handler_timeout`` (300 s)."""
@@ -106,6 +108,78 @@ class _QueueCollector(Collector):
         return depth, oldest
 
 
+class _Log(Protocol):
+    def info(self, event: str, **fields: Any) -> Any: ...
+
+
+class Instruments:
+    """The handler metrics of one side and queue, labelled once.
+
+    ``labels()`` costs more than the update it labels for, so the worker takes its bundle
+    once (:meth:`Metrics.instruments`) and records every message on the children
+    (measured: ~6 against ~22 µs per message).
+
+    Attributes:
+        in_flight: the ``in_flight{side,queue}`` child: handlers running now.
+        seconds: the ``handler_duration_seconds{side,queue}`` child.
+
+    Example:
+        >>> m = Metrics(); posts = m.instruments("worker", "posts")
+        >>> posts.picked_up(queued_at=100.0, now=100.25)
+        >>> with posts.handling():
+        ...     posts.in_flight._value.get()
+        1.0
+        >>> m.pickup_seconds.labels(queue="posts")._sum.get()
+        0.25
+    """
+
+    __slots__ = ("_pickup", "_pickup_family", "_queue", "in_flight", "seconds")
+
+    def __init__(self, metrics: Metrics, side: str, queue: str) -> None:
+        self.in_flight = metrics.in_flight.labels(side=side, queue=queue)
+        self.seconds = metrics.handler_seconds.labels(side=side, queue=queue)
+        # Labelled on the first pickup: serve never picks up, and an empty series
+        # would show one on its scrapes.
+        self._pickup_family = metrics.pickup_seconds
+        self._queue = queue
+        self._pickup: Histogram | None = None
+
+    def picked_up(self, queued_at: float | None, now: float | None = None) -> None:
+        """Observe a claim's pickup latency (``Claim.queued_at``; unknown is skipped).
+
+        Example:
+            >>> Metrics().instruments("worker", "posts").picked_up(None)  # nothing known
+        """
+        if queued_at is None:
+            return
+        pickup = self._pickup
+        if pickup is None:
+            pickup = self._pickup = self._pickup_family.labels(queue=self._queue)
+        now = time.time() if now is None else now
+        pickup.observe(max(0.0, now - queued_at))
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        """Time a handler run and count it in flight, whatever its outcome.
+
+        Example:
+            >>> serve = Metrics().instruments("serve")
+            >>> with serve.handling():
+            ...     serve.in_flight._value.get()
+            1.0
+            >>> serve.in_flight._value.get(), serve.seconds._sum.get() > 0
+            (0.0, True)
+        """
+        in_flight = self.in_flight
+        in_flight.inc()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            in_flight.dec()
+            self.seconds.observe(time.perf_counter() - start)
+
+
 class Metrics:
     """The counters, gauges and histograms of one process, in a registry of its own.
 
@@ -118,8 +192,8 @@ class Metrics:
 
     Example:
         >>> m = Metrics()
-        >>> m.picked_up("posts", queued_at=time.time() - 0.2)
-        >>> m.pickup_seconds.labels(queue="posts")._sum.get() >= 0.2
+        >>> m.retried("posts"); m.retried("posts")
+        >>> b'maildefer_retries_total{queue="posts"} 2.0' in m.exposition()[0]
         True
     """
 
@@ -172,6 +246,7 @@ class Metrics:
         )
         self._queues = _QueueCollector(ns)
         self.registry.register(self._queues)
+        self._instruments: dict[tuple[str, str], Instruments] = {}
         self._server: asyncio.Server | None = None
         self._port: int | None = None
 
@@ -181,7 +256,8 @@ class Metrics:
         """Count a message whose DATA completed (before the handlers decide).
 
         Example:
-            >>> Metrics().message_received()
+            >>> m = Metrics(); m.message_received(); m.received._value.get()
+            1.0
         """
         self.received.inc()
 
@@ -189,7 +265,8 @@ class Metrics:
         """Count a 250 after DATA.
 
         Example:
-            >>> Metrics().message_accepted()
+            >>> m = Metrics(); m.message_accepted(); m.accepted._value.get()
+            1.0
         """
         self.accepted.inc()
 
@@ -197,13 +274,14 @@ class Metrics:
         """Count a refusal reply by its SMTP code (550 at RCPT, 451 or 552 at DATA...).
 
         Example:
-            >>> Metrics().message_refused(451)
+            >>> m = Metrics(); m.message_refused(451)
+            >>> m.refused.labels(code="451")._value.get()
+            1.0
         """
         self.refused.labels(code=str(code)).inc()
 
-    @contextlib.contextmanager
-    def handling(self, side: str, queue: str = "") -> Iterator[None]:
-        """Time a handler run and count it in flight, whatever its outcome.
+    def instruments(self, side: str, queue: str = "") -> Instruments:
+        """The handler metrics of ``side`` (and ``queue``), labelled once and kept.
 
         Args:
             side: ``"serve"`` or ``"worker"``.
@@ -211,51 +289,54 @@ class Metrics:
 
         Example:
             >>> m = Metrics()
+            >>> m.instruments("worker", "posts") is m.instruments("worker", "posts")
+            True
+        """
+        key = (side, queue)
+        found = self._instruments.get(key)
+        if found is None:
+            # Two threads racing here build two bundles of the same children: harmless.
+            found = self._instruments[key] = Instruments(self, side, queue)
+        return found
+
+    def handling(self, side: str, queue: str = "") -> contextlib.AbstractContextManager[None]:
+        """Time a handler run and count it in flight (:meth:`Instruments.handling`).
+
+        Example:
+            >>> m = Metrics()
             >>> with m.handling("serve"):
             ...     m.in_flight.labels(side="serve", queue="")._value.get()
             1.0
         """
-        gauge = self.in_flight.labels(side=side, queue=queue)
-        gauge.inc()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            gauge.dec()
-            self.handler_seconds.labels(side=side, queue=queue).observe(time.perf_counter() - start)
-
-    def picked_up(self, queue: str, queued_at: float | None, now: float | None = None) -> None:
-        """Observe a claim's pickup latency (``Claim.queued_at``; unknown is skipped).
-
-        Example:
-            >>> Metrics().picked_up("posts", None)
-        """
-        if queued_at is None:
-            return
-        now = time.time() if now is None else now
-        self.pickup_seconds.labels(queue=queue).observe(max(0.0, now - queued_at))
+        return self.instruments(side, queue).handling()
 
     def retried(self, queue: str) -> None:
         """Count a failed attempt that went to backoff.
 
         Example:
-            >>> Metrics().retried("posts")
+            >>> m = Metrics(); m.retried("posts")
+            >>> m.retries.labels(queue="posts")._value.get()
+            1.0
         """
         self.retries.labels(queue=queue).inc()
 
-    def buried(self, queue: str, reason: str = "failed") -> None:
-        """Count a message moved to the undeliverable queue (``failed``, ``poison``...).
+    def buried(self, queue: str, reason: str = "failed", count: int = 1) -> None:
+        """Count messages moved to the undeliverable queue (``failed``, ``poison``...).
 
         Example:
-            >>> Metrics().buried("posts", "poison")
+            >>> m = Metrics(); m.buried("posts", "poison", count=2)
+            >>> m.undeliverable.labels(queue="posts", reason="poison")._value.get()
+            2.0
         """
-        self.undeliverable.labels(queue=queue, reason=reason).inc()
+        self.undeliverable.labels(queue=queue, reason=reason).inc(count)
 
     def set_depth(self, queue: str, state: str, value: int) -> None:
         """Set a queue depth by hand (a broker queue; maildirs use :meth:`track_queue`).
 
         Example:
-            >>> Metrics().set_depth("amqp-posts", "new", 3)
+            >>> m = Metrics(); m.set_depth("amqp-posts", "new", 3)
+            >>> b'queue_depth{queue="amqp-posts",state="new"} 3.0' in m.exposition()[0]
+            True
         """
         self._queues.set_depth(queue, state, value)
 
@@ -312,6 +393,40 @@ class Metrics:
         self._server = await asyncio.start_server(self._serve_one, host, port, limit=_REQUEST_LIMIT)
         self._port = int(self._server.sockets[0].getsockname()[1])
         return self._port
+
+    async def start_endpoint(self, endpoint: MetricsSettings, log: _Log) -> int | None:
+        """Serve on ``[metrics] host:port`` if a port is set; logs ``metrics_listening``.
+
+        Returns:
+            The port bound, or ``None`` when ``[metrics] port`` is not set.
+
+        Raises:
+            OSError: the address cannot be bound (the message names the endpoint).
+
+        Example:
+            >>> class Log:
+            ...     def info(self, event, **fields): print(event, fields["host"])
+            >>> async def demo():
+            ...     m = Metrics()
+            ...     off = await m.start_endpoint(MetricsSettings(), Log())
+            ...     port = await m.start_endpoint(MetricsSettings(port=0), Log())
+            ...     served = port == m.port
+            ...     await m.stop_http(); return off, served
+            >>> asyncio.run(demo())
+            metrics_listening 127.0.0.1
+            (None, True)
+        """
+        if endpoint.port is None:
+            return None
+        try:
+            port = await self.start_http(endpoint.host, endpoint.port)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"metrics endpoint {endpoint.host}:{endpoint.port}: {exc.strerror or exc}",
+            ) from exc
+        log.info("metrics_listening", host=endpoint.host, port=port)
+        return port
 
     async def stop_http(self) -> None:
         """Stop the endpoint (idempotent).

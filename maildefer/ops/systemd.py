@@ -1,7 +1,8 @@
 """systemd integration: ``sd_notify``, the watchdog, and socket activation (stdlib only).
 
 maildefer runs in the foreground under systemd instead of daemonising with pid files
-(DESIGN.md). This module speaks the three small protocols that needs, without libsystemd:
+(``docs/architecture.md``). This module speaks the three small protocols that needs,
+without libsystemd:
 
 - **notify** (sd_notify(3)): datagrams such as ``READY=1``, ``STATUS=...``, ``STOPPING=1``
   and ``WATCHDOG=1`` sent to the ``AF_UNIX`` socket named by ``$NOTIFY_SOCKET``; a name

@@ -72,16 +72,25 @@ class Queue:
 
     @property
     def url(self) -> str:
-        """The path or URL this queue was opened with."""
+        """The path or URL this queue was opened with.
+
+        Example:
+            >>> Queue("amqp://h/?queue=posts").url
+            'amqp://h/?queue=posts'
+        """
         return self.backend.url
 
     async def push(self, message: Pushable) -> str:
-        """Store a message durably; returns its key once it is on disk.
+        """Store a message durably; returns its key once it is stored.
 
         Example:
             >>> import asyncio, tempfile
-            >>> isinstance(asyncio.run(Queue(tempfile.mkdtemp()).push(b"\\n")), str)
-            True
+            >>> async def demo():
+            ...     q = Queue(tempfile.mkdtemp())
+            ...     key = await q.push(b"Subject: kept\\n\\n")
+            ...     return (await q.get(key))["Subject"]
+            >>> asyncio.run(demo())
+            'kept'
         """
         return await self.backend.push(message)
 
@@ -89,8 +98,14 @@ class Queue:
         """How many messages are in the queue.
 
         Example:
-            >>> import asyncio, tempfile; asyncio.run(Queue(tempfile.mkdtemp()).count())
-            0
+            >>> import asyncio, tempfile
+            >>> async def demo():
+            ...     q = Queue(tempfile.mkdtemp())
+            ...     before = await q.count()
+            ...     await q.push(b"\\n"); await q.push(b"\\n")
+            ...     return before, await q.count()
+            >>> asyncio.run(demo())
+            (0, 2)
         """
         return await self.backend.count()
 
@@ -98,17 +113,28 @@ class Queue:
         """The keys of the messages in the queue.
 
         Example:
-            >>> import asyncio, tempfile; asyncio.run(Queue(tempfile.mkdtemp()).keys())
-            []
+            >>> import asyncio, tempfile
+            >>> async def demo():
+            ...     q = Queue(tempfile.mkdtemp())
+            ...     keys = {await q.push(b"\\n"), await q.push(b"\\n")}
+            ...     return set(await q.keys()) == keys
+            >>> asyncio.run(demo())
+            True
         """
         return await self.backend.keys()
 
     async def get(self, key: str) -> MailRequest | None:
-        """One message by key, or ``None``.
+        """One message by key, or ``None``; the message stays in the queue.
 
         Example:
-            >>> import asyncio, tempfile; asyncio.run(Queue(tempfile.mkdtemp()).get("k")) is None
-            True
+            >>> import asyncio, tempfile
+            >>> async def demo():
+            ...     q = Queue(tempfile.mkdtemp())
+            ...     key = await q.push(b"Subject: hi\\n\\n")
+            ...     message = await q.get(key)
+            ...     return message["Subject"], await q.get("no-such-key"), await q.count()
+            >>> asyncio.run(demo())
+            ('hi', None, 1)
         """
         return await self.backend.get(key)
 
@@ -116,8 +142,13 @@ class Queue:
         """Delete one message by key; ``True`` if it was there.
 
         Example:
-            >>> import asyncio, tempfile; asyncio.run(Queue(tempfile.mkdtemp()).remove("k"))
-            False
+            >>> import asyncio, tempfile
+            >>> async def demo():
+            ...     q = Queue(tempfile.mkdtemp())
+            ...     key = await q.push(b"\\n")
+            ...     return await q.remove(key), await q.remove(key), await q.count()
+            >>> asyncio.run(demo())
+            (True, False, 0)
         """
         return await self.backend.remove(key)
 
@@ -125,8 +156,14 @@ class Queue:
         """Take one message off the queue, or ``None`` when it is empty.
 
         Example:
-            >>> import asyncio, tempfile; asyncio.run(Queue(tempfile.mkdtemp()).pop()) is None
-            True
+            >>> import asyncio, tempfile
+            >>> async def demo():
+            ...     q = Queue(tempfile.mkdtemp())
+            ...     pushed = await q.push(b"Subject: one\\n\\n")
+            ...     key, message = await q.pop()
+            ...     return key == pushed, message["Subject"], await q.pop()
+            >>> asyncio.run(demo())
+            (True, 'one', None)
         """
         return await self.backend.pop()
 
@@ -134,16 +171,33 @@ class Queue:
         """Delete every message; returns how many were deleted.
 
         Example:
-            >>> import asyncio, tempfile; asyncio.run(Queue(tempfile.mkdtemp()).clear())
-            0
+            >>> import asyncio, tempfile
+            >>> async def demo():
+            ...     q = Queue(tempfile.mkdtemp())
+            ...     for _ in range(3):
+            ...         await q.push(b"\\n")
+            ...     return await q.clear(), await q.count()
+            >>> asyncio.run(demo())
+            (3, 0)
         """
         return await self.backend.clear()
 
     def consume(self) -> AsyncIterator[Claim]:
-        """Claims for a worker (see :class:`QueueBackend`).
+        """Claims for a worker, waiting for messages (see :class:`QueueBackend`).
+
+        Each claim is acked, retried, buried or released through :attr:`backend`.
 
         Example:
-            >>> hasattr(Queue("/tmp/q-doc9").consume(), "__anext__")
-            True
+            >>> import asyncio, tempfile
+            >>> async def demo():
+            ...     q = Queue(tempfile.mkdtemp())
+            ...     key = await q.push(b"Subject: work\\n\\n")
+            ...     claims = q.consume()
+            ...     claim = await anext(claims)
+            ...     await q.backend.ack(claim)
+            ...     await claims.aclose()
+            ...     return claim.key == key, claim.message["Subject"], await q.count()
+            >>> asyncio.run(demo())
+            (True, 'work', 0)
         """
         return self.backend.consume()

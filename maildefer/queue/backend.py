@@ -1,9 +1,10 @@
 """What every queue backend provides: the types and the Protocol the worker relies on.
 
 A backend is chosen by :class:`maildefer.queue.Queue` from its path or URL. The user-facing
-half (push, count, keys, get, remove, pop, clear) is the contract's; the worker half
-(claim, ack, retry, bury, release, recover) is how a worker handles a message at least
-once without two workers handling it at the same time.
+half (push, count, keys, get, remove, pop, clear) is the contract's (``docs/contract.md``);
+the worker half (claims, lease_renewal and renew, ack, retry, bury, release, recover) is
+how a worker handles a message at least once without two workers handling it at the same
+time (``docs/reliability.md``; where backends sit: ``docs/architecture.md``).
 
 Example:
     >>> opts = QueueOptions(max_attempts=3)
@@ -106,30 +107,66 @@ class RecoveryReport:
 
 @runtime_checkable
 class QueueBackend(Protocol):
-    """The operations a queue backend provides (maildir, AMQP).
+    """The operations a queue backend provides (maildir, AMQP): how to add a third one.
+
+    A backend stores messages for :class:`~maildefer.queue.Queue` (the user-facing half:
+    push, count, keys, get, remove, pop, clear) and feeds a
+    :class:`~maildefer.worker.Worker` (the worker half). The worker never imports a
+    backend: it calls only these members, so a new backend is a class with them, and a
+    scheme in :func:`maildefer.queue.config.open_backend`. ``tests/test_queue_protocol.py``
+    checks every backend against this Protocol, signatures included.
+
+    What the worker relies on (the reliability model is in ``docs/reliability.md``):
+
+    - :meth:`push` returns only once the message survives a crash (R1).
+    - Every claim ends in exactly one of :meth:`ack`, :meth:`retry`, :meth:`bury` or
+      :meth:`release`; until then no other worker is handed the same message (R9).
+    - A claim whose worker died comes back (from :meth:`recover`, a lease, or the broker)
+      with ``recoveries`` raised by one; at ``max_recoveries`` it is buried as
+      ``"poison"`` instead (R10, R11).
+    - An operation that fails raises (an :class:`OSError` or a
+      :class:`~maildefer.errors.QueueError`) and leaves the message where it was, never
+      lost: the worker logs it and releases the claim later.
+
+    A run of the worker: :meth:`recover` once, then :meth:`claims` until it stops, with
+    :meth:`renew` every :attr:`lease_renewal` seconds meanwhile; at the end it releases
+    what it still holds, closes the claims iterator and, through its registry,
+    :meth:`close`.
 
     Example:
+        >>> import asyncio, tempfile
         >>> from maildefer.queue.maildir import MaildirQueue
-        >>> isinstance(MaildirQueue("/tmp/q-doc"), QueueBackend)
-        True
+        >>> async def handle_one(backend: QueueBackend) -> str:
+        ...     claims = backend.claims(prefetch=1, burst=True, ready=asyncio.Event())
+        ...     claim = await anext(claims)
+        ...     await backend.ack(claim)
+        ...     await claims.aclose()
+        ...     return claim.message["Subject"]
+        >>> async def demo():
+        ...     q = MaildirQueue(tempfile.mkdtemp())
+        ...     await q.push(b"Subject: once\\n\\n")
+        ...     return await handle_one(q), await q.count()
+        >>> asyncio.run(demo())
+        ('once', 0)
     """
 
     url: str
+    """The path or URL the backend was opened with (the queue's name in logs)."""
 
     async def push(self, message: Pushable) -> str:
-        """Store a message durably; return its key."""
+        """Store a message durably; return its key once it would survive a crash."""
         ...
 
     async def count(self) -> int:
-        """Messages in the queue (waiting, delayed or claimed)."""
+        """Messages in the queue (waiting, delayed or claimed, as far as it can tell)."""
         ...
 
     async def keys(self) -> list[str]:
-        """The keys of the messages in the queue."""
+        """The keys of the messages in the queue (or raise QueueError if it cannot list)."""
         ...
 
     async def get(self, key: str) -> MailRequest | None:
-        """One message by key, or ``None``."""
+        """One message by key, or ``None``; it stays in the queue."""
         ...
 
     async def remove(self, key: str) -> bool:
@@ -145,19 +182,32 @@ class QueueBackend(Protocol):
         ...
 
     def consume(self) -> AsyncIterator[Claim]:
-        """Claims, one each time the caller asks for one, waiting when there are none."""
+        """Claims, one each time the caller asks for one, waiting when there are none.
+
+        The simple form of :meth:`claims` (``prefetch=1``, no burst), for scripts.
+        Closing the iterator gives back what it fetched but had not yet yielded.
+        """
         ...
 
     def claims(self, *, prefetch: int, burst: bool, ready: asyncio.Event) -> AsyncIterator[Claim]:
-        """The claims a worker runs: this backend's own way of feeding them.
+        """The claims a worker runs, fed the backend's own way (a directory watch, a consumer).
+
+        The worker pulls one claim each time a handler slot is free, so a backend
+        should claim lazily: a message it claims but does not yield is held from other
+        workers. Closing the iterator (``aclose``) must give back anything it claimed
+        and did not yield; claims it did yield stay valid until settled.
 
         Args:
             prefetch: how many claims the worker holds at once (its concurrency): a
                 backend that pushes messages to consumers hands it no more unacked ones.
-            burst: drain what is there and end, instead of waiting for more. A backend
-                that cannot tell "drained" raises :class:`~maildefer.errors.ConfigError`.
+            burst: drain what is there and end (``StopAsyncIteration``) instead of
+                waiting for more. A backend that cannot tell "drained" raises
+                :class:`~maildefer.errors.ConfigError` at once, from this call.
             ready: set once the feed is live: a message that arrives afterwards is
                 claimed without waiting for a rescan (the worker's ``READY=1``).
+
+        Raises:
+            ConfigError: ``burst`` is asked of a backend that cannot drain.
         """
         ...
 
@@ -166,12 +216,20 @@ class QueueBackend(Protocol):
         """Seconds between renewals of in-flight claims (:meth:`renew`); ``None``: never.
 
         A backend whose claims expire unless renewed (a maildir on a shared filesystem,
-        where a peer recovers claims older than the lease) asks the worker to renew them.
+        where a peer recovers claims older than the lease) asks the worker to renew them,
+        well inside the lease (maildir: a third of it). A backend whose claims live as
+        long as the worker does (the broker holds a delivery while its channel lives)
+        returns ``None``, and the worker runs no heartbeat.
         """
         ...
 
     async def renew(self, claims: Sequence[Claim]) -> None:
-        """Renew the leases of claims still being handled (see :attr:`lease_renewal`)."""
+        """Renew the leases of claims still being handled (see :attr:`lease_renewal`).
+
+        Called with every claim the worker holds, every :attr:`lease_renewal` seconds;
+        a claim settled meanwhile may be among them and must be skipped quietly. An
+        :class:`OSError` is logged by the worker and the next renewal tries again.
+        """
         ...
 
     async def ack(self, claim: Claim) -> None:
@@ -179,24 +237,34 @@ class QueueBackend(Protocol):
         ...
 
     async def retry(self, claim: Claim, error: str) -> bool:
-        """The handler failed: retry later, or bury after ``max_attempts``.
+        """The handler failed: count an attempt and retry later, or bury at ``max_attempts``.
 
-        Returns ``True`` if it will be retried, ``False`` if it was buried.
+        The delay is :meth:`QueueOptions.backoff` of the attempts so far; the claim
+        comes back with ``attempts`` raised by one and ``error`` recorded.
+
+        Returns:
+            ``True`` if it will be retried, ``False`` if it was buried (reason ``"failed"``).
         """
         ...
 
     async def bury(self, claim: Claim, error: str, reason: BuryReason) -> None:
-        """Move the message to the undeliverable queue with the error recorded."""
+        """Move the message to the undeliverable queue with the error and reason recorded.
+
+        If the move fails the original stays in the queue (the error is raised).
+        """
         ...
 
     async def release(self, claim: Claim) -> None:
-        """Give the message back unhandled (shutdown); no attempt is counted."""
+        """Give the message back unhandled (shutdown, a failed ack); no attempt is counted."""
         ...
 
     async def recover(self) -> RecoveryReport:
-        """Return claims of dead workers, quarantine poison, clean debris."""
+        """Return claims of dead workers, quarantine poison, clean debris (at worker start).
+
+        A backend whose broker does this itself returns an empty :class:`RecoveryReport`.
+        """
         ...
 
     async def close(self) -> None:
-        """Release resources (files, connections)."""
+        """Release resources (files, connections); unsettled claims come back later."""
         ...

@@ -39,8 +39,16 @@ def open_backend(
         ConfigError: the URL's scheme names no backend.
 
     Example:
-        >>> open_backend("/tmp/q-doc6").url
-        '/tmp/q-doc6'
+        >>> from maildefer.queue.amqp import AmqpQueue
+        >>> from maildefer.queue.maildir import MaildirQueue
+        >>> isinstance(open_backend("/tmp/q-doc6"), MaildirQueue)
+        True
+        >>> isinstance(open_backend("amqp://h/?queue=q"), AmqpQueue)
+        True
+        >>> open_backend("ftp://h/q")
+        Traceback (most recent call last):
+        ...
+        maildefer.errors.ConfigError: queue 'ftp://h/q': no backend for scheme 'ftp' ...
     """
     text = os.fspath(ref)
     if "://" in text:
@@ -85,7 +93,7 @@ class QueueRegistry:
         Example:
             >>> from maildefer.settings import Settings
             >>> s = Settings(root=Path("/srv"), queues={"q": {"path": "run/q", "sync": "fsync"}})
-            >>> QueueRegistry.from_settings(s)._options["/srv/run/q"].sync
+            >>> QueueRegistry.from_settings(s).get("/srv/run/q").options.sync
             'fsync'
         """
         return cls(
@@ -132,8 +140,9 @@ class QueueRegistry:
         """Make this registry the one ``Queue(...)`` uses in this context.
 
         Example:
+            >>> from maildefer.queue import Queue
             >>> with QueueRegistry().active() as reg:
-            ...     isinstance(reg, QueueRegistry)
+            ...     Queue("/tmp/q-doc7").backend is reg.get("/tmp/q-doc7")
             True
         """
         token = _ACTIVE.set(self)
@@ -146,7 +155,10 @@ class QueueRegistry:
         """Close every backend.
 
         Example:
-            >>> import asyncio; asyncio.run(QueueRegistry().close())
+            >>> import asyncio
+            >>> reg = QueueRegistry(); first = reg.get("/tmp/q-doc8")
+            >>> asyncio.run(reg.close()); reg.get("/tmp/q-doc8") is first
+            False
         """
         for backend in self._backends.values():
             await backend.close()

@@ -63,8 +63,9 @@ class Envelope:
     """The SMTP envelope of a queued message.
 
     Example:
-        >>> Envelope("a@x", ["b@y"]).peer
-        ''
+        >>> env = Envelope("a@x", ["b@y", "bcc@z"], peer="1.2.3.4:25", received_at=1.5)
+        >>> unwrap(wrap(b"To: b@y\\n\\n", env))[0] == env
+        True
     """
 
     mail_from: str
@@ -79,8 +80,13 @@ def wrap(raw: bytes, envelope: Envelope) -> bytes:
     """The file contents for a message: the envelope record, then ``raw`` unchanged.
 
     Example:
-        >>> wrap(b"\\n", Envelope("", [])).startswith(HEADER)
-        True
+        >>> data = wrap(b"Subject: x\\n\\n", Envelope("a@x", ["b@y"]))
+        >>> data.startswith(HEADER), data.endswith(b"\\nSubject: x\\n\\n")
+        (True, True)
+        >>> unwrap(data.replace(b"Subject: x", b"Subject: y"))
+        Traceback (most recent call last):
+        ...
+        maildefer.errors.CorruptMessageError: ...
     """
     digest = _sha256(raw).hexdigest().encode("ascii")
     return _prefix(len(raw), digest, _encode(envelope), envelope.mail_from, _eol(raw)) + raw
@@ -395,6 +401,8 @@ def request_from_file(data: bytes) -> MailRequest:
     Example:
         >>> request_from_file(b"From: a@x\\nTo: b@y\\n\\n").rcpt_tos
         ['b@y']
+        >>> request_from_file(wrap(b"To: b@y\\n\\n", Envelope("a@x", ["b@y", "bcc@z"]))).rcpt_tos
+        ['b@y', 'bcc@z']
     """
     fields = unwrap_fields(data)
     if fields is None:

@@ -5,7 +5,7 @@
 ``await server.shutdown()`` (or run ``serve()`` as a task and call
 :meth:`Server.request_shutdown`).
 
-Order of things (DESIGN.md decision 5):
+Order of things (``docs/architecture.md``):
 
 1. ``start``: build the router (importing the handler modules; a broken one is a bad
    setting: :class:`~maildefer.errors.ConfigError`, exit 2, before any socket is bound),
@@ -14,7 +14,8 @@ Order of things (DESIGN.md decision 5):
 2. A :class:`~maildefer.queue.QueueRegistry` is active in the context the listener was
    created in, so every session and handler task inherits it: handlers'
    ``Queue("run/posts")`` share one backend and its group-committed directory fsync.
-3. Under systemd (a :class:`~maildefer.systemd.Notifier` given): ``READY=1`` once the
+3. Under systemd (a :class:`~maildefer.ops.systemd.Notifier` given), through the
+   :class:`~maildefer.ops.lifecycle.Lifecycle` the worker shares: ``READY=1`` once the
    sockets accept, ``WATCHDOG=1`` pings from the event loop and ``STATUS=`` lines with
    live counts while serving, ``STOPPING=1`` as soon as shutdown begins. With a
    :class:`~maildefer.ops.metrics.Metrics` given, sessions count messages and refusals, the
@@ -31,11 +32,11 @@ Example:
     >>> import asyncio, tempfile
     >>> from pathlib import Path
     >>> from maildefer.settings import Settings
-    >>> from maildefer.smtp.session import AcceptAll
+    >>> from maildefer.smtp.policy import AcceptAll
     >>> from maildefer import logs; import io; logs.configure(stream=io.StringIO())
     >>> async def demo():
     ...     s = Settings(root=Path(tempfile.mkdtemp()), server={"port": 0, "hostname": "h"})
-    ...     server = Server(s, recipients=AcceptAll())
+    ...     server = Server(s, router=AcceptAll())
     ...     await server.start()
     ...     port = server.port
     ...     await server.shutdown()
@@ -50,22 +51,23 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
 
 from maildefer import loops
 from maildefer.errors import ConfigError, RoutingError
-from maildefer.ops.systemd import Notifier, run_status, run_watchdog
+from maildefer.ops.lifecycle import Lifecycle
+from maildefer.ops.systemd import Notifier
 from maildefer.queue.config import QueueRegistry
 from maildefer.queue.maildir import MaildirQueue
 from maildefer.settings import Settings
-from maildefer.smtp.session import Recipients, SessionTracker, smtp_factory
+from maildefer.smtp.policy import RecipientRouter, SessionTracker
+from maildefer.smtp.session import smtp_factory
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -77,9 +79,6 @@ log = structlog.get_logger("maildefer.server")
 _ABORT_WAIT = 5.0
 """Seconds to let cancelled sessions unwind after the grace period (their handlers'
 cleanup, a push finishing its fsync) before the queues are closed under them."""
-
-STATUS_INTERVAL = 5.0
-"""Seconds between ``STATUS=`` updates (sent only when the text changed)."""
 
 
 def _total(counter: Counter) -> int:
@@ -122,8 +121,9 @@ class Server:
 
     Args:
         settings: the whole settings (``[server]``, ``[router]``, ``[undeliverable]``).
-        recipients: the router to use; by default one is built from
-            ``[server] handlers`` with the file-backed state store.
+        router: the router to use (a :class:`~maildefer.routing.Router`, or
+            :class:`~maildefer.smtp.policy.AcceptAll` for the log server); by default
+            one is built from ``[server] handlers`` with the file-backed state store.
         sockets: already-bound listening sockets (systemd socket activation) to serve
             on instead of binding ``host:port``.
         per_recipient: deliver once per recipient (a router) or once per message.
@@ -141,14 +141,14 @@ class Server:
         self,
         settings: Settings,
         *,
-        recipients: Recipients | None = None,
+        router: RecipientRouter | None = None,
         sockets: Sequence[socket.socket] | None = None,
         per_recipient: bool = True,
         metrics: Metrics | None = None,
         notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
-        self.recipients = recipients
+        self.router = router
         self.metrics = metrics
         self.notifier = notifier
         self.registry = QueueRegistry.from_settings(settings)
@@ -163,10 +163,10 @@ class Server:
         self._context: contextvars.Context | None = None
         self._activation: contextlib.AbstractContextManager[QueueRegistry] | None = None
         self._state_close: Callable[[], None] | None = None
-        self._stop: asyncio.Event | None = None
-        self._force = False
         self._started = 0.0
-        self._stopping = False
+        self._lifecycle = Lifecycle(
+            self.status_line, notifier, on_force=self._abort_sessions, log=log
+        )
 
     @property
     def port(self) -> int | None:
@@ -178,11 +178,11 @@ class Server:
                     return int(name[1])
         return None
 
-    def describe(self) -> str:
+    def status_line(self) -> str:
         """The ``STATUS=`` line: live sessions and, with metrics, message counts.
 
         Example:
-            >>> Server(Settings()).describe()
+            >>> Server(Settings()).status_line()
             '0 sessions'
         """
         text = f"{self.tracker.count} sessions"
@@ -193,9 +193,9 @@ class Server:
             )
         return text
 
-    def _build_recipients(self) -> Recipients:
+    def _build_router(self) -> RecipientRouter:
         # Imported here: routing imports the handler modules' dependencies, and a server
-        # given its own recipients (the log server, tests) does not need it.
+        # given its own router (the log server, tests) does not need it.
         from maildefer.routing import Router
         from maildefer.state import state_store_for
 
@@ -222,14 +222,14 @@ class Server:
         """
         server = self.settings.server
         context = tls_context(self.settings)
-        if self.recipients is None:
-            self.recipients = self._build_recipients()
+        if self.router is None:
+            self.router = self._build_router()
         # aiosmtpd logs every command at INFO through stdlib logging, peer strings
         # unsanitized; our own structured lines replace it.
         logging.getLogger("mail.log").setLevel(logging.ERROR)
         factory = smtp_factory(
             server,
-            self.recipients,
+            self.router,
             self.tracker,
             tls_context=context,
             per_recipient=self._per_recipient,
@@ -287,52 +287,35 @@ class Server:
         for name, queue in self.settings.queues.items():
             if "://" not in queue.path:  # a broker's depth is the broker's to report
                 self.metrics.track_queue(name, MaildirQueue(self.settings.resolve(queue.path)))
-        endpoint = self.settings.metrics
-        if endpoint.port is None:
-            return
-        try:
-            port = await self.metrics.start_http(endpoint.host, endpoint.port)
-        except OSError as exc:
-            raise OSError(
-                exc.errno,
-                f"metrics endpoint {endpoint.host}:{endpoint.port}: {exc.strerror or exc}",
-            ) from exc
-        log.info("metrics_listening", host=endpoint.host, port=port)
+        await self.metrics.start_endpoint(self.settings.metrics, log)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a shutdown was requested (a signal, :meth:`request_shutdown`).
+
+        Example:
+            >>> server = Server(Settings()); server.request_shutdown(); server.stopping
+            True
+        """
+        return self._lifecycle.stopping
 
     def request_shutdown(self, *, force: bool = False) -> None:
         """Ask :meth:`serve` to shut down (what SIGTERM and SIGINT do).
 
+        Args:
+            force: skip the grace period (what a second signal does, which also closes
+                the sessions at once).
+
         Example:
-            >>> Server(Settings()).request_shutdown()
+            >>> server = Server(Settings()); server.request_shutdown(force=True)
+            >>> server.stopping
+            True
         """
-        self._force = self._force or force
-        if self._stop is not None:
-            self._stop.set()
+        self._lifecycle.request_shutdown(force=force)
 
-    def _on_signal(self, signame: str) -> None:
-        if self._stop is not None and self._stop.is_set():
-            log.warning("second_signal", signal=signame)
-            self.request_shutdown(force=True)
-            self.tracker.abort_all()
-            return
-        log.info("signal", signal=signame)
-        self.request_shutdown()
-
-    @contextlib.contextmanager
-    def _signals(self) -> Iterator[None]:
-        loop = asyncio.get_running_loop()
-        installed: list[signal.Signals] = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, self._on_signal, sig.name)
-                installed.append(sig)
-            except (ValueError, RuntimeError, NotImplementedError):
-                continue  # not the main thread: whoever runs us handles signals
-        try:
-            yield
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+    def _abort_sessions(self, signame: str) -> None:
+        """A second signal: close every session now (their clients, unanswered, retry)."""
+        self.tracker.abort_all()
 
     async def serve(self) -> None:
         """Start, serve until SIGTERM/SIGINT (or :meth:`request_shutdown`), drain.
@@ -341,32 +324,17 @@ class Server:
             ConfigError: bad handlers or TLS files (nothing was bound).
             OSError: the address cannot be bound.
         """
-        self._stop = asyncio.Event()
-        with self._signals():
+        # The lifecycle is left after the drain: the watchdog pings through it.
+        async with self._lifecycle:
             await self.start()
-            helpers: list[asyncio.Task[None]] = []
             try:
                 if self.on_ready is not None:
                     self.on_ready()
-                if self.notifier is not None:
-                    # After start(): the sockets accept, so READY=1 is the truth.
-                    self.notifier.ready(f"listening on port {self.port}")
-                    helpers = [
-                        asyncio.create_task(run_watchdog(self.notifier)),
-                        asyncio.create_task(
-                            run_status(self.notifier, self.describe, STATUS_INTERVAL)
-                        ),
-                    ]
-                await self._stop.wait()
+                # After start(): the sockets accept, so READY=1 is the truth.
+                self._lifecycle.ready(f"listening on port {self.port}")
+                await self._lifecycle.wait()
             finally:
-                try:
-                    await self.shutdown()
-                finally:
-                    # The watchdog pings through the drain: a long grace period must
-                    # not look like a hung loop.
-                    for task in helpers:
-                        task.cancel()
-                    await asyncio.gather(*helpers, return_exceptions=True)
+                await self.shutdown()
 
     async def shutdown(self) -> None:
         """Stop accepting, drain sessions within ``grace_period``, close everything.
@@ -376,14 +344,12 @@ class Server:
         """
         if not self._listeners and self._context is None:
             return
-        if self.notifier is not None and not self._stopping:
-            self._stopping = True
-            self.notifier.stopping(f"stopping: {self.describe()}")
+        self._lifecycle.announce_stopping()
         for listener in self._listeners:
             listener.close()
         self.tracker.begin_shutdown()
         busy = self.tracker.count
-        grace = 0.0 if self._force else self.settings.server.grace_period
+        grace = 0.0 if self._lifecycle.forced else self.settings.server.grace_period
         drained = await self.tracker.wait_empty(grace)
         if not drained:
             log.warning("grace_period_over", sessions=self.tracker.count)

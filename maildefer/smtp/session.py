@@ -1,68 +1,72 @@
-"""The SMTP/LMTP session policy: aiosmtpd's protocol with maildefer's limits and DATA path.
+"""The SMTP/LMTP protocol engine: aiosmtpd's ``SMTP`` with maildefer's limits and DATA loop.
 
-:func:`smtp_factory` returns the protocol factory that ``loop.create_server`` takes
-(:mod:`maildefer.smtp.server` owns the listener). Each connection is one :class:`SMTPSession`
-(or :class:`LMTPSession`) sharing one :class:`DeliveryPolicy` (the aiosmtpd "handler":
-RCPT and DATA decisions) and one :class:`SessionTracker` (connection caps, shutdown).
+:func:`smtp_factory` makes the protocol factory for ``loop.create_server``
+(:mod:`maildefer.smtp.server` owns the listener): one :class:`SMTPSession` (or
+:class:`LMTPSession`) per connection, all sharing one
+:class:`~maildefer.smtp.policy.DeliveryPolicy` (the aiosmtpd "handler": RCPT and DATA
+decisions) and one :class:`~maildefer.smtp.policy.SessionTracker` (caps, shutdown).
 
-What aiosmtpd does not do and this module adds (RELIABILITY.md R23-R31):
+What this adds to aiosmtpd (RELIABILITY.md R23-R31; each part says why where it is): the
+tracker's connection caps; a command idle timeout and a DATA deadline that grows with the
+bytes received; ``421`` after ``max_bad_commands`` error replies; a cap on "junk" commands;
+``451`` for internal errors; RFC 3463 codes on aiosmtpd's replies. The message bytes are
+stored exactly as received (``decode_data=False``, no ``Received:`` header): the queue
+promises byte-exact storage and its envelope record keeps the peer and the time.
 
-- RCPT: an address no route matches gets ``550 5.1.1``; past ``max_recipients``,
-  ``452 4.5.3``. Nothing is ever relayed.
-- DATA: the handlers run once per accepted recipient, *concurrently* (their pushes share
-  one directory fsync, and ``handler_timeout`` bounds the whole DATA); ``250`` only after
-  all of them returned. A raise or a timeout gives ``451 4.3.0``; a handler's
-  :class:`~maildefer.errors.SMTPError` gives its own reply. In SMTP mode one reply covers
-  every recipient: the first transient failure wins, then the first permanent one, so a
-  partial failure is retried (at-least-once: a recipient whose handler succeeded may see
-  the message again). LMTP answers per recipient (RFC 2033 section 4.2).
-- Connection caps (global and per IP, ``421 4.7.0``); a command idle timeout; a DATA
-  deadline that grows with the bytes received (Postfix's ``smtpd_min_data_rate``),
-  because aiosmtpd does not reset its timer during DATA (``data_min_rate = 0``: the
-  deadline is only an idle timeout between reads); ``421`` after
-  ``max_bad_commands`` error replies (aiosmtpd's own cap is 5 unknown commands, with a
-  502); a per-command cap on "junk" commands (aiosmtpd's ``command_call_limit``).
-- Internal errors answer ``451 4.3.0`` (aiosmtpd's default is a permanent ``500``).
+aiosmtpd internals: this is the one module in maildefer that uses them. Each member below
+was checked against aiosmtpd 1.4.6 (``aiosmtpd/smtp.py``), hence ``aiosmtpd<1.5`` in
+pyproject.toml; tests/test_smtp_session.py runs our code against aiosmtpd's own on the
+same inputs, and a failure there after an aiosmtpd upgrade means re-checking this list.
 
-The message bytes are stored exactly as received (``decode_data=False``): no
-``Received:`` header is added, because the queue promises byte-exact storage and its
-envelope record already keeps the peer and the time.
-
-Example:
-    >>> from maildefer.settings import ServerSettings
-    >>> factory = smtp_factory(ServerSettings(hostname="mx.test"), AcceptAll(), SessionTracker())
-    >>> callable(factory)
-    True
+- Overridden, each calling aiosmtpd's through ``super()``: ``_handle_client()`` (the task
+  ``connection_made`` starts; we bind its log context), ``_timeout_cb()`` (the idle
+  timer's callback; we re-arm it while the handlers run or the DATA deadline lies ahead,
+  and say ``421``), ``_getaddr(arg)`` (the MAIL/RCPT path parser, ``(address, rest)`` or
+  ``(None, None)``; we add a fast path and catch the stdlib parser's crashes),
+  ``_call_handler_hook(command, *args)`` (we mark the handler phase around DATA's hook).
+- ``_smtp_methods``: the command dict built in ``__init__``, looked up with ``.get()`` by
+  ``_handle_client`` and ``smtp_HELP`` (which also calls ``.items()``); wrapped in
+  :class:`_CommandTable`.
+- ``_timeout_duration`` (the ``timeout=`` argument, read), ``_timeout_handle`` (the armed
+  ``TimerHandle``, replaced when we re-arm), ``_reset_timeout()`` (called after DATA).
+- ``_reader`` (the ``StreamReader`` our DATA loop reads with ``readuntil`` and ``read``),
+  ``_writer`` (closed when DATA is cancelled, as aiosmtpd does), ``_set_post_data_state()``
+  (a new envelope after DATA), ``_handle_hooks`` and ``_decode_data`` (read: does our DATA
+  loop apply).
+- The ``mail.log`` logger and the reply texts of aiosmtpd's ``smtp_DATA`` and command loop
+  (``_REWRITES`` maps them; our DATA loop gives the same texts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import logging
 import re
 import ssl
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP
 
-from maildefer.errors import NoRouteError, SMTPError
 from maildefer.logs import sanitize
-from maildefer.mail import MailRequest
 from maildefer.settings import ServerSettings
+from maildefer.smtp.policy import (
+    REPLY_TEMPFAIL,
+    DeliveryPolicy,
+    RecipientRouter,
+    SessionTracker,
+    combine,
+)
 
 if TYPE_CHECKING:
     from maildefer.ops.metrics import Metrics
 
 log = structlog.get_logger("maildefer.smtp")
-_aiosmtpd_log = logging.getLogger("mail.log")
+_aiosmtpd_log = logging.getLogger("mail.log")  # aiosmtpd's logger, for its DATA log line
 
 JUNK_COMMAND_LIMIT = 100
 """Per-session cap on each of NOOP, VRFY, EXPN, HELP, HELO, EHLO, LHLO, STARTTLS, AUTH
@@ -92,375 +96,9 @@ harvesting); the count starts again after each accepted message, as in Postfix."
 # An SMTP path in its everyday form, ``<dot-atom@dot-atom>`` in ASCII atext, then the rest
 # of the command line. aiosmtpd's own parser (the stdlib header parser, plus a class
 # defined per call) costs about 40 us a MAIL or RCPT; for this form it returns exactly
-# the address between the brackets (tests/test_smtp_addresses.py checks that against it).
+# the address between the brackets (tests/test_smtp_session.py checks that against it).
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*)>(.*)", re.DOTALL)
-
-REPLY_OK = "250 2.0.0 Ok: queued"
-REPLY_TEMPFAIL = "451 4.3.0 Error: local error in processing, try again later"
-REPLY_TIMEOUT = "451 4.3.0 Error: handler timed out, try again later"
-
-
-class Recipients(Protocol):
-    """What the SMTP layer needs from a router: who is local, and delivery.
-
-    :class:`maildefer.routing.Router` is one; :class:`AcceptAll` is the log server's.
-
-    Example:
-        >>> recipients: Recipients = AcceptAll()
-        >>> recipients.match("anyone@anywhere")
-        ['anyone@anywhere']
-    """
-
-    def match(self, address: str) -> Sequence[object]:
-        """The routes for an address; empty means the address is refused at RCPT."""
-        ...
-
-    def deliver(self, message: MailRequest) -> Awaitable[object]:
-        """Run the handlers for ``message.rcpt_to``; raising refuses that recipient."""
-        ...
-
-
-class AcceptAll:
-    """Accepts every recipient and hands each whole message to one coroutine.
-
-    The log server (``maildefer log``) uses it; pair it with ``per_recipient=False`` in
-    :class:`DeliveryPolicy` so a message with three recipients is delivered once.
-
-    Args:
-        sink: called once per message; ``None`` accepts and drops.
-
-    Example:
-        >>> import asyncio
-        >>> asyncio.run(AcceptAll().deliver(MailRequest(b"\\n"))) is None
-        True
-    """
-
-    def __init__(self, sink: Callable[[MailRequest], Awaitable[object]] | None = None) -> None:
-        self._sink = sink
-
-    def match(self, address: str) -> list[str]:
-        """Every address is accepted.
-
-        Example:
-            >>> AcceptAll().match("x@y")
-            ['x@y']
-        """
-        return [address]
-
-    async def deliver(self, message: MailRequest) -> None:
-        """Pass the message to the sink.
-
-        Example:
-            >>> import asyncio; asyncio.run(AcceptAll().deliver(MailRequest(b"")))
-        """
-        if self._sink is not None:
-            await self._sink(message)
-
-
-def _reply_for(error: BaseException | None, rcpt: str) -> str:
-    """The SMTP reply for one recipient's outcome."""
-    if error is None:
-        return REPLY_OK
-    if isinstance(error, SMTPError):
-        return error.reply
-    if isinstance(error, TimeoutError):
-        return REPLY_TIMEOUT
-    if isinstance(error, NoRouteError):
-        return f"550 5.1.1 <{rcpt}>: Recipient address rejected: no route"
-    return REPLY_TEMPFAIL
-
-
-def combine(replies: Sequence[str]) -> str:
-    """The one SMTP reply for a DATA whose recipients had these outcomes.
-
-    All accepted: ``250``. Otherwise the first transient (4xx) reply, so the sender retries
-    the whole message; failing that, the first permanent one.
-
-    Example:
-        >>> combine(["250 ok", "550 5.7.1 no", "451 4.3.0 later"])
-        '451 4.3.0 later'
-    """
-    failures = [r for r in replies if not r.startswith("2")]
-    if not failures:
-        return replies[0] if replies else REPLY_OK
-    transient = [r for r in failures if r.startswith("4")]
-    return (transient or failures)[0]
-
-
-@dataclass
-class DeliveryPolicy:
-    """The aiosmtpd handler: RCPT acceptance and the DATA path into the router.
-
-    Args:
-        recipients: the router (or any :class:`Recipients`).
-        settings: the ``[server]`` limits.
-        per_recipient: deliver once per accepted recipient (the router), or once per
-            message (the log server).
-        metrics: counts refused recipients and times the handlers (optional).
-
-    Example:
-        >>> DeliveryPolicy(AcceptAll(), ServerSettings(hostname="h")).per_recipient
-        True
-    """
-
-    recipients: Recipients
-    settings: ServerSettings
-    per_recipient: bool = True
-    metrics: Metrics | None = None
-
-    async def handle_EHLO(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        """EHLO/LHLO: as aiosmtpd, minus AUTH (no authenticator is configured).
-
-        Example:
-            >>> import asyncio, types
-            >>> s = types.SimpleNamespace(host_name=None)
-            >>> p = DeliveryPolicy(AcceptAll(), ServerSettings(hostname="h"))
-            >>> asyncio.run(p.handle_EHLO(None, s, None, "c", ["250-h", "250-AUTH PLAIN"]))
-            ['250-h']
-        """
-        # With the 5-argument hook aiosmtpd leaves recording the greeting to us.
-        session.host_name = hostname
-        return [r for r in responses if not r[4:].startswith("AUTH")]
-
-    async def handle_RCPT(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        rcpt_options: list[str],
-    ) -> str:
-        """Accept a recipient only if a route matches it, up to ``max_recipients``.
-
-        Example:
-            >>> import asyncio, types
-            >>> env = types.SimpleNamespace(rcpt_tos=[], rcpt_options=[])
-            >>> p = DeliveryPolicy(AcceptAll(), ServerSettings(hostname="h"))
-            >>> asyncio.run(p.handle_RCPT(None, None, env, "a@b", []))
-            '250 2.1.5 Ok'
-        """
-        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
-            if self.metrics is not None:
-                self.metrics.message_refused(452)
-            return "452 4.5.3 Error: too many recipients"
-        if not self.recipients.match(address):
-            log.info("rcpt_refused", rcpt=sanitize(address))
-            if self.metrics is not None:
-                self.metrics.message_refused(550)
-            return f"550 5.1.1 <{sanitize(address)}>: Recipient address rejected"
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        """Run the handlers; the reply (one line, or one per recipient in LMTP).
-
-        Example:
-            >>> import asyncio, types
-            >>> env = types.SimpleNamespace(
-            ...     original_content=b"\\r\\n", mail_from="a@x", rcpt_tos=["b@y"])
-            >>> ses = types.SimpleNamespace(peer=("127.0.0.1", 5))
-            >>> p = DeliveryPolicy(AcceptAll(), ServerSettings(hostname="h"))
-            >>> from maildefer import logs; import io; logs.configure(stream=io.StringIO())
-            >>> asyncio.run(p.handle_DATA(None, ses, env))
-            '250 2.0.0 Ok: queued'
-        """
-        started = time.monotonic()
-        peer = session.peer
-        raw: bytes = envelope.original_content or b""
-        request = MailRequest(
-            raw,
-            mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",  # null sender
-            rcpt_tos=list(envelope.rcpt_tos),
-            peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or ""),
-        )
-        if self.metrics is None:
-            replies = await self._deliver(request)
-        else:
-            with self.metrics.handling("serve"):
-                replies = await self._deliver(request)
-        lmtp = isinstance(server, LMTP)
-        if lmtp:
-            # RFC 2033 4.2: one reply per accepted RCPT, in RCPT order.
-            reply = "\r\n".join(replies)
-            code = combine(replies)[:3]
-        else:
-            reply = combine(replies)
-            code = reply[:3]
-        log.info(
-            "message",
-            mail_from=sanitize(envelope.mail_from),
-            rcpts=len(request.rcpt_tos),
-            size=len(raw),
-            code=int(code) if code.isdigit() else code,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
-        )
-        return reply
-
-    async def _deliver(self, request: MailRequest) -> list[str]:
-        """One reply per recipient (one shared outcome when not ``per_recipient``)."""
-        rcpts = request.rcpt_tos
-        timeout = self.settings.handler_timeout
-        if not self.per_recipient or len(rcpts) == 1:
-            # The common case, without a task per recipient.
-            # MailRequest already addresses its first recipient: no copy needed.
-            one = request
-            error = await self._run_one(one, within=timeout)
-            return [_reply_for(error, r) for r in rcpts]
-        tasks = [
-            asyncio.ensure_future(self._run_one(request.for_recipient(rcpt), within=None))
-            for rcpt in rcpts
-        ]
-        try:
-            done, _ = await asyncio.wait(tasks, timeout=timeout)
-        finally:
-            # Our caller cancelled (client gone, forced shutdown) or the deadline passed:
-            # cancel what still runs and let it unwind; pushes are cancellation-safe.
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        replies = []
-        for rcpt, task in zip(rcpts, tasks, strict=True):
-            if task in done and not task.cancelled():
-                replies.append(_reply_for(task.result(), rcpt))
-            else:
-                log.warning("handler_timeout", rcpt=sanitize(rcpt), timeout=timeout)
-                replies.append(REPLY_TIMEOUT)
-        return replies
-
-    async def _run_one(self, request: MailRequest, *, within: float | None) -> BaseException | None:
-        """Deliver to one recipient; the exception it ended with, or ``None``."""
-        try:
-            async with asyncio.timeout(within):
-                await self.recipients.deliver(request)
-        except SMTPError as exc:
-            log.info("handler_refused", rcpt=sanitize(request.rcpt_to), reply=sanitize(exc.reply))
-            return exc
-        except TimeoutError as exc:
-            log.warning("handler_timeout", rcpt=sanitize(request.rcpt_to), timeout=within)
-            return exc
-        except Exception as exc:
-            log.error("handler_failed", rcpt=sanitize(request.rcpt_to), exc_info=exc)
-            return exc
-        return None
-
-
-@dataclass
-class SessionTracker:
-    """Every open session of one listener: connection caps and graceful shutdown.
-
-    Args:
-        max_connections: global cap on concurrent sessions.
-        max_per_ip: cap on concurrent sessions from one address.
-
-    Example:
-        >>> t = SessionTracker(max_connections=1)
-        >>> t.count, t.closing
-        (0, False)
-    """
-
-    max_connections: int = 500
-    max_per_ip: int = 50
-    closing: bool = False
-    sessions: set[SMTPSession] = field(default_factory=set)
-    per_ip: dict[str, int] = field(default_factory=dict)
-    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    _empty: asyncio.Event | None = None
-
-    @property
-    def count(self) -> int:
-        """How many sessions are open."""
-        return len(self.sessions)
-
-    def admit(self, session: SMTPSession, ip: str) -> str | None:
-        """Register a new session; the refusal reply if a cap is reached.
-
-        Example:
-            >>> t = SessionTracker(max_connections=5, max_per_ip=0)
-            >>> t.admit(object(), "10.0.0.1")
-            '421 4.7.0 Error: too many connections from your address'
-        """
-        if self.closing:
-            return "421 4.3.2 Service shutting down"
-        if len(self.sessions) >= self.max_connections:
-            return "421 4.7.0 Error: too many connections"
-        if self.per_ip.get(ip, 0) >= self.max_per_ip:
-            return "421 4.7.0 Error: too many connections from your address"
-        self.sessions.add(session)
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        return None
-
-    def release(self, session: SMTPSession, ip: str) -> None:
-        """Forget a closed session.
-
-        Example:
-            >>> SessionTracker().release(object(), "10.0.0.1")
-        """
-        if session not in self.sessions:
-            return
-        self.sessions.discard(session)
-        left = self.per_ip.get(ip, 1) - 1
-        if left > 0:
-            self.per_ip[ip] = left
-        else:
-            self.per_ip.pop(ip, None)
-        if not self.sessions and self._empty is not None:
-            self._empty.set()
-
-    def next_id(self) -> str:
-        """A short id for a new session's log lines.
-
-        Example:
-            >>> SessionTracker().next_id()
-            's1'
-        """
-        return f"s{next(self._ids)}"
-
-    def begin_shutdown(self) -> None:
-        """Refuse new sessions; close idle ones now, busy ones after their transaction.
-
-        Example:
-            >>> t = SessionTracker(); t.begin_shutdown(); t.closing
-            True
-        """
-        self.closing = True
-        for session in list(self.sessions):
-            if not session.busy:
-                session.close_for_shutdown()
-
-    async def wait_empty(self, within: float) -> bool:
-        """Wait until every session has closed; ``False`` if ``within`` seconds passed first.
-
-        Example:
-            >>> import asyncio; asyncio.run(SessionTracker().wait_empty(0.1))
-            True
-        """
-        if not self.sessions:
-            return True
-        self._empty = asyncio.Event()
-        try:
-            async with asyncio.timeout(within):
-                await self._empty.wait()
-        except TimeoutError:
-            return False
-        return True
-
-    def abort_all(self) -> None:
-        """Close every session now (the grace period is over).
-
-        Example:
-            >>> SessionTracker().abort_all()
-        """
-        for session in list(self.sessions):
-            session.abort()
 
 
 class _DataState(enum.Enum):
@@ -494,11 +132,28 @@ class _CommandTable(dict[str, Any]):
 class SMTPSession(SMTP):
     """One SMTP connection: aiosmtpd's protocol with caps, deadlines and 451s.
 
-    Made by :func:`smtp_factory`; not created by hand.
+    Made by :func:`smtp_factory`; not created by hand. The tracker reaches it through
+    :attr:`busy`, :meth:`close_for_shutdown` and :meth:`abort`.
 
     Example:
-        >>> SMTPSession.__mro__[1].__name__
-        'SMTP'
+        >>> import asyncio, io
+        >>> from maildefer import logs; logs.configure(stream=io.StringIO())
+        >>> from maildefer.smtp.policy import AcceptAll, SessionTracker
+        >>> async def stop(how):  # an idle session told to go: what its client reads
+        ...     tracker = SessionTracker()
+        ...     factory = smtp_factory(ServerSettings(hostname="h"), AcceptAll(), tracker)
+        ...     server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        ...     reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+        ...     await reader.readline()  # the 220 greeting
+        ...     (session,) = tracker.sessions
+        ...     getattr(session, how)()
+        ...     said = await reader.read()
+        ...     writer.close(); await writer.wait_closed(); server.close()
+        ...     return session.busy, said
+        >>> asyncio.run(stop("close_for_shutdown"))
+        (False, b'421 4.3.2 Service shutting down\\r\\n')
+        >>> asyncio.run(stop("abort"))
+        (False, b'')
     """
 
     def __init__(
@@ -582,6 +237,7 @@ class SMTPSession(SMTP):
         if self._refused:
             return
         if self._phase is _Phase.DATA:
+            # aiosmtpd re-arms its idle timer per command, never during DATA: ours is this.
             now = self.loop.time()
             if self._min_rate:
                 # Postfix's smtpd_min_data_rate: each read earns len/rate seconds, but the
@@ -589,7 +245,7 @@ class SMTPSession(SMTP):
                 self._data_deadline = min(
                     now + self._timeout_duration, self._data_deadline + len(data) / self._min_rate
                 )
-            else:
+            else:  # data_min_rate = 0: only an idle timeout between reads
                 self._data_deadline = now + self._timeout_duration
         super().data_received(data)
 
@@ -616,12 +272,7 @@ class SMTPSession(SMTP):
         await super()._handle_client()
 
     def close_for_shutdown(self) -> None:
-        """Tell an idle client the service is going away, and close.
-
-        Example:
-            >>> hasattr(SMTPSession, "close_for_shutdown")
-            True
-        """
+        """Tell an idle client the service is going away, and close (a busy one: after DATA)."""
         if self.busy:
             self._shutdown_pending = True
             return
@@ -630,12 +281,7 @@ class SMTPSession(SMTP):
             self.transport.close()
 
     def abort(self) -> None:
-        """Drop the connection now (handlers are cancelled by aiosmtpd).
-
-        Example:
-            >>> hasattr(SMTPSession, "abort")
-            True
-        """
+        """Drop the connection now (handlers are cancelled by aiosmtpd)."""
         if self.transport is not None:
             self.transport.close()
 
@@ -743,7 +389,7 @@ class SMTPSession(SMTP):
         ``500`` and over ``data_size_limit`` bytes is ``552``, both answered after the
         terminator. aiosmtpd's loop joins every line twice into a bytearray and logs it at
         debug level; a 4 KiB message has about 50 lines, and this loop costs half as much
-        (tests/test_smtp_data.py compares the two on the same byte streams).
+        (tests/test_smtp_session.py compares the two on the same byte streams).
         """
         if await self.check_helo_needed():
             return
@@ -827,15 +473,13 @@ class SMTPSession(SMTP):
 class LMTPSession(SMTPSession, LMTP):
     """One LMTP connection (``lmtp = true``): LHLO, one DATA reply per recipient.
 
-    Example:
-        >>> [c.__name__ for c in LMTPSession.__mro__[:3]]
-        ['LMTPSession', 'SMTPSession', 'LMTP']
+    :func:`smtp_factory`'s example shows one.
     """
 
 
 def smtp_factory(
     settings: ServerSettings,
-    recipients: Recipients,
+    recipients: RecipientRouter,
     tracker: SessionTracker,
     *,
     tls_context: ssl.SSLContext | None = None,
@@ -853,9 +497,32 @@ def smtp_factory(
         metrics: where to count messages and refusals and time the handlers.
 
     Example:
-        >>> f = smtp_factory(ServerSettings(hostname="h"), AcceptAll(), SessionTracker())
-        >>> f.func.__name__
-        'SMTPSession'
+        >>> import asyncio, io
+        >>> from maildefer import logs; logs.configure(stream=io.StringIO())
+        >>> from maildefer.smtp.policy import AcceptAll, SessionTracker
+        >>> async def talk(settings, *commands):  # one connection: what the server said
+        ...     factory = smtp_factory(settings, AcceptAll(), SessionTracker())
+        ...     server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        ...     reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+        ...     writer.write(b"".join(c + b"\\r\\n" for c in commands))
+        ...     said = await reader.read()  # until the server closes
+        ...     writer.close(); await writer.wait_closed(); server.close()
+        ...     print(*said.decode().splitlines(), sep="\\n")
+        >>> smtp = ServerSettings(hostname="mx.test", max_bad_commands=2)
+        >>> asyncio.run(talk(smtp, b"HELO c", b"FOO", b"RCPT TO:<b@y>", b"NOOP"))
+        220 mx.test maildefer ESMTP
+        250 mx.test
+        500 5.5.2 Error: command not recognized
+        503 Error: need MAIL command
+        421 4.7.0 Error: too many errors
+        >>> lmtp = ServerSettings(hostname="mx.test", lmtp=True)
+        >>> mail = (b"MAIL FROM:<a@x>", b"RCPT TO:<b@y>", b"RCPT TO:<c@y>", b"DATA", b"hi", b".")
+        >>> asyncio.run(talk(lmtp, b"LHLO c", *mail, b"QUIT"))  # doctest: +ELLIPSIS
+        220 mx.test maildefer ESMTP
+        ...
+        250 2.0.0 Ok: queued
+        250 2.0.0 Ok: queued
+        221 Bye
     """
     policy = DeliveryPolicy(recipients, settings, per_recipient=per_recipient, metrics=metrics)
     cls = LMTPSession if settings.lmtp else SMTPSession

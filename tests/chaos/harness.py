@@ -271,7 +271,7 @@ def run_chaos(project: ChaosProject, profile: Profile, seed: int) -> Result:
     finally:
         cluster.stop()
     # What the next worker start would do: return dead claims, drop dead writers' tmp/ files.
-    MaildirQueue(project.work, undeliverable=project.undeliverable).recover_now()
+    MaildirQueue(project.work, undeliverable=project.undeliverable).recover_sync()
     handled_lines = project.handled_log.read_text().split() if project.handled_log.exists() else []
     handled = Counter(int(x) for x in handled_lines)
     dead = {s for p in queue_files(project.undeliverable, ("new", "cur")) if (s := seq_of(p))}

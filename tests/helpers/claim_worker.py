@@ -25,12 +25,12 @@ def main() -> int:
             for batch in q.scan_new(batch=256):
                 seen += len(batch)
                 for filename in reversed(batch) if order == "rev" else batch:
-                    claim = q.claim_now(filename)
+                    claim = q.claim_sync(filename)
                     if claim is None:
                         lost += 1
                         continue
                     assert claim.message.raw.startswith(b"Subject: m")
-                    q.ack_now(claim)
+                    q.ack_sync(claim)
                     out.write(claim.key + "\n")
                     claimed += 1
             if not seen:

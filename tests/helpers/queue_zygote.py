@@ -42,7 +42,7 @@ def child(command: list[str]) -> None:
     if command[0] == "push":
         asyncio.run(push_forever(command[1], int(command[2])))
     elif command[0] == "claim":
-        claim = MaildirQueue(command[1]).claim_now(command[2])
+        claim = MaildirQueue(command[1]).claim_sync(command[2])
         say(f"claimed {claim.key if claim else '-'}")
         time.sleep(3600)
 

@@ -1,6 +1,6 @@
 """An ``os`` stand-in that records (and can fail or hold) the calls the maildir queue makes.
 
-Installed at the seam ``maildefer.queue.maildir.os`` (and ``writer.os``, with
+Installed at the seam ``maildefer.queue.maildir.queue.os`` (and ``writer.os``, with
 :meth:`SpyOS.syncfs` as ``writer.sync_filesystem``); every other attribute is the real
 ``os``. Events are appended from whichever thread makes the call (list.append is atomic),
 so the list is the real order of calls across the executor's threads.

@@ -1,9 +1,11 @@
 """The maildir backend: a queue that is a real maildir on a local (or shared) disk.
 
-:class:`MaildirQueue` (:mod:`.queue`) is the backend; :mod:`.feed` turns inotify events
-and directory scans into claims for a worker; :mod:`.writer` makes pushes durable with
-group commit; :mod:`.names` is the file-name grammar that holds each message's state;
-:mod:`.inspect` reads depths, ages and error records for ``status`` and metrics.
+:class:`MaildirQueue` (:mod:`.queue`) is the backend, built on :mod:`.store` (a maildir's
+look-ups and admin operations); :mod:`.feed` turns inotify events and directory scans
+into claims for a worker; :mod:`.recovery` returns dead workers' claims and cleans
+``tmp/``; :mod:`.writer` makes pushes durable with group commit; :mod:`.names` is the
+file-name grammar that holds each message's state; :mod:`.inspect` reads depths, ages
+and error records for ``status`` and metrics.
 
 Example:
     >>> import asyncio, tempfile

@@ -1,11 +1,12 @@
 """The claims of a maildir queue as they arrive: inotify hints, scans and timers.
 
-:class:`MaildirFeed` turns a :class:`~maildefer.queue.maildir.MaildirQueue` into an async
-iterator of :class:`~maildefer.queue.backend.Claim`. It claims a message only when its
+:class:`MaildirFeed` turns a :class:`~maildefer.queue.maildir.MaildirQueue` (anything
+that is a :class:`FeedSource`) into an async iterator of
+:class:`~maildefer.queue.backend.Claim`. It claims a message only when its
 consumer asks for the next one, so a worker with no free handler slot reads nothing
 (pull-based backpressure).
 
-Where the candidate names come from (watchfiles' pitfalls, DESIGN.md and R16-R19):
+Where the candidate names come from (watchfiles' pitfalls, docs/reliability.md R16-R19):
 
 - **inotify through watchfiles** ``awatch`` on ``new/`` and ``later/``, with ``step`` and
   ``debounce`` of a few milliseconds (its defaults, 50 ms and 1.6 s, suit a code reloader,
@@ -52,17 +53,58 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Protocol
 
 import structlog
 from watchfiles import Change, awatch
 
 from maildefer.errors import QueueError
-from maildefer.queue.backend import Claim
+from maildefer.queue.backend import Claim, QueueOptions, RecoveryReport
 from maildefer.queue.maildir.names import MaildirName
-from maildefer.queue.maildir.queue import MaildirQueue
 
 WatchFactory = Callable[..., AsyncIterator[set[tuple[Change, str]]]]
 """Anything called like ``watchfiles.awatch`` (the seam tests use to lose events)."""
+
+
+class FeedSource(Protocol):
+    """What a feed needs of its queue (:class:`~maildefer.queue.maildir.MaildirQueue`).
+
+    A Protocol rather than the class: the queue module builds its feeds, so this one
+    must not import it back.
+    """
+
+    options: QueueOptions
+    url: str
+
+    def dir(self, name: str) -> Path:
+        """A subdirectory of the queue (``new``, ``later``)."""
+        ...
+
+    def ensure(self) -> None:
+        """Create the queue's directories where missing."""
+        ...
+
+    def scan_new(self, batch: int = ...) -> Iterator[list[str]]:
+        """The file names in ``new/``, in batches."""
+        ...
+
+    def claim_sync(self, filename: str) -> Claim | None:
+        """Claim one file of ``new/`` (``None``: lost the race, or corrupt); blocking."""
+        ...
+
+    async def release(self, claim: Claim) -> None:
+        """Give a claim back to ``new/`` unhandled."""
+        ...
+
+    def promote_due(self, now: float | None = ...) -> tuple[int, float | None]:
+        """Move due retries to ``new/``: how many, and seconds until the next is due."""
+        ...
+
+    def recover_sync(self, now: float | None = ...) -> RecoveryReport:
+        """Return dead workers' claims, clean ``tmp/``, promote due retries; blocking."""
+        ...
+
 
 STEP_MS = 1
 """Quiet time after an event before watchfiles hands a batch over (its default: 50)."""
@@ -103,15 +145,25 @@ class MaildirFeed:
             picked up without waiting for a rescan. The worker's ``READY=1`` waits for it.
 
     Example:
+        >>> import asyncio, tempfile
         >>> from maildefer.queue.maildir import MaildirQueue
-        >>> feed = MaildirFeed(MaildirQueue("/tmp/q-feed-doc"))
-        >>> hasattr(feed.claims(), "__anext__")
-        True
+        >>> async def first_claim():
+        ...     q = MaildirQueue(tempfile.mkdtemp())
+        ...     feed = MaildirFeed(q)
+        ...     claims = feed.claims()
+        ...     waiting = asyncio.ensure_future(anext(claims))  # arms the watcher, waits
+        ...     await feed.ready.wait()
+        ...     key = await q.push(b"Subject: late\\n\\n")  # seen by inotify, not a scan
+        ...     claim = await waiting
+        ...     await q.ack(claim); await claims.aclose()
+        ...     return claim.key == key, claim.message["Subject"]
+        >>> asyncio.run(first_claim())
+        (True, 'late')
     """
 
     def __init__(
         self,
-        queue: MaildirQueue,
+        queue: FeedSource,
         *,
         burst: bool = False,
         watch: WatchFactory = awatch,
@@ -283,8 +335,8 @@ class MaildirFeed:
     async def _claim(self, name: str) -> Claim | None:
         try:
             if not self._in_thread:
-                return self.queue.claim_now(name)
-            future = asyncio.get_running_loop().run_in_executor(None, self.queue.claim_now, name)
+                return self.queue.claim_sync(name)
+            future = asyncio.get_running_loop().run_in_executor(None, self.queue.claim_sync, name)
             try:
                 return await asyncio.shield(future)
             except asyncio.CancelledError:
@@ -343,7 +395,7 @@ class MaildirFeed:
         self._maintain_at = time.monotonic() + self._maintain_every
         loop = asyncio.get_running_loop()
         try:
-            report = await loop.run_in_executor(None, self.queue.recover_now)
+            report = await loop.run_in_executor(None, self.queue.recover_sync)
         except OSError as exc:
             self._log.error("recover_failed", queue=self.queue.url, error=str(exc))
         else:

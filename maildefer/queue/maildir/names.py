@@ -47,6 +47,29 @@ def escape_host(host: str) -> str:
     )
 
 
+def key_time(name: str) -> float | None:
+    """When a message was queued, from the ``<sec>.M<usec>`` start of its key.
+
+    A maildir name starts with the Unix time of its delivery (DJB's spec), so a name
+    made by another maildir writer (``<sec>.<pid>.<host>``) gives its second too.
+    ``name`` may be a bare key or a whole file name with fields and info.
+
+    Example:
+        >>> key_time("1700000000.M250000P1Q1Rab.host,A=2")
+        1700000000.25
+        >>> key_time("1700000000.12345.host"), key_time("mutt-dropped-file:2,S")
+        (1700000000.0, None)
+    """
+    # The key ends at the first "," (fields) or ":" (info), as in MaildirName.parse;
+    # partitions rather than a parse: a claim reads its key time on the hot path.
+    key = name.partition(":")[0].partition(",")[0]
+    sec, _, rest = key.partition(".")
+    if not sec.isdigit():
+        return None
+    usec = rest[1:].partition("P")[0] if rest.startswith("M") else ""
+    return int(sec) + (int(usec) / 1e6 if usec.isdigit() else 0.0)
+
+
 @dataclass(frozen=True)
 class MaildirName:
     """A parsed maildir file name: the key, maildefer's state fields, the info suffix.

@@ -12,14 +12,14 @@ Layout of a queue directory (``tmp/ new/ cur/`` make it a real maildir that mutt
 Every state change is a single ``rename`` of one file (its state lives in its name, see
 :mod:`maildefer.queue.maildir.names`), so it is atomic and exactly one of two racing workers wins
 a claim; the loser gets ``ENOENT``, which means "gone", not an error. Nothing here lists a
-directory per message: push, claim and ack are O(1) (``count``, ``keys`` and the admin
-look-ups may list).
+directory per message: push, claim and ack are O(1) (``count``, ``keys`` and the other
+look-ups of :mod:`.store` may list). Recovery of dead workers' claims is :mod:`.recovery`.
 
-Durability of push (RELIABILITY.md R1): the file is written in ``tmp/`` with ``O_EXCL``,
-fsync'd, ``link``-ed into ``new/`` (never renamed over an existing name), and ``new/`` is
-fsync'd before ``push`` returns. The directory fsync is shared by every push that linked
-before it started (group commit), which is where concurrent pushers gain over one
-fsync each, without ever returning before their own link is on disk.
+Durability of push (docs/reliability.md R1): the file is written in ``tmp/`` with
+``O_EXCL``, fsync'd, ``link``-ed into ``new/`` (never renamed over an existing name), and
+``new/`` is fsync'd before ``push`` returns. The directory fsync is shared by every push
+that linked before it started (group commit), which is where concurrent pushers gain
+over one fsync each, without ever returning before their own link is on disk.
 
 Example:
     >>> import asyncio, tempfile
@@ -35,79 +35,30 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import os
 import random
-import re
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from maildefer.errors import ConfigError, CorruptMessageError, QueueError
 from maildefer.mail import MailRequest
 from maildefer.queue.backend import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
 from maildefer.queue.envelope import message_parts, request_from_file, wrap
-from maildefer.queue.maildir.names import MaildirName, NameGenerator, escape_host
+from maildefer.queue.maildir import recovery
+from maildefer.queue.maildir.feed import MaildirFeed, WatchFactory
+from maildefer.queue.maildir.names import MaildirName, NameGenerator, escape_host, key_time
+from maildefer.queue.maildir.store import MaildirStore, read_file
 from maildefer.queue.maildir.writer import (
     MaildirWriter,
     SyncMode,
     fsync_dir,
+    fsync_file,
     syncfs_available,
     unlink_quietly,
 )
-
-if TYPE_CHECKING:
-    from maildefer.queue.maildir.feed import WatchFactory
-
-TMP_MAX_AGE = 36 * 3600.0
-"""tmp/ files untouched this long are debris of a crashed writer (qmail's maildir(5))."""
-
-STATE_DIRS = ("new", "later", "cur")
-
-# The names NameGenerator makes: which process on which host is writing a tmp/ file.
-_TMP_NAME = re.compile(r"\d+\.M\d+P(?P<pid>\d+)Q\d+R[0-9a-f]+\.(?P<host>.+)")
-
-_READ_SIZE = 64 * 1024
-"""First read of a claimed file: most messages fit, so two reads (the second says EOF).
-
-Not larger: a buffer over 128 KiB is an mmap and munmap per read."""
-
-
-def _process_start(pid: int) -> str | None:
-    """The start time of a process in clock ticks since boot, or ``None`` if it is gone.
-
-    A pid alone is reused by the kernel; pid plus start time names one process.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # Field 22; the command name (field 2) may hold spaces, so split after its ')'.
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return fields[19].decode() if len(fields) > 19 else None
-
-
-@dataclass(frozen=True)
-class _Owner:
-    host: str
-    pid: int
-    start: str
-
-    @classmethod
-    def parse(cls, value: str) -> _Owner | None:
-        host, _, rest = value.rpartition("~")
-        host, _, pid = host.rpartition("~")
-        if not host or not pid.isdigit():
-            return None
-        return cls(host, int(pid), rest)
-
-    def token(self) -> str:
-        return f"{self.host}~{self.pid}~{self.start}"
 
 
 def _sync_mode(options: QueueOptions, url: str) -> SyncMode:
@@ -130,66 +81,26 @@ def _sync_mode(options: QueueOptions, url: str) -> SyncMode:
     return "fsync"
 
 
-def _key_time(key: str) -> float | None:
-    """When a key made by :class:`NameGenerator` was made, from its ``sec.M<usec>`` part."""
-    sec, _, rest = key.partition(".")
-    if not sec.isdigit() or not rest.startswith("M"):
-        return None
-    usec = rest[1:].partition("P")[0]
-    return int(sec) + (int(usec) / 1e6 if usec.isdigit() else 0.0)
-
-
-def read_file(path: str, *, local: bool = False) -> bytes:
-    """A whole file's bytes, with as few system calls as the kernel allows.
-
-    ``open(path, "rb").read()`` also makes an ``fstat``, an ``ioctl`` (is it a tty?) and
-    a buffered reader: about 10 µs of a claim here.
-
-    Args:
-        path: the file.
-        local: the file is on a local filesystem, where a read of a regular file returns
-            less than asked only at its end, so a short first read is the whole file
-            (one ``read`` fewer per claim). Otherwise (NFS) it reads until ``read``
-            returns nothing.
-
-    Example:
-        >>> import pathlib, tempfile; p = pathlib.Path(tempfile.mkdtemp()) / "m"
-        >>> _ = p.write_bytes(b"x" * 70000); len(read_file(str(p)))
-        70000
-        >>> _ = p.write_bytes(b"x" * 700); len(read_file(str(p), local=True))
-        700
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, _READ_SIZE)
-        if local and len(data) < _READ_SIZE:
-            return data
-        more = os.read(fd, _READ_SIZE) if data else b""
-        if not more:
-            return data
-        chunks = [data, more]
-        while more:
-            more = os.read(fd, max(_READ_SIZE, sum(map(len, chunks))))
-            chunks.append(more)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-class MaildirQueue:
+class MaildirQueue(MaildirStore):
     """A queue stored as a maildir directory on local (or shared) disk.
 
+    The look-ups and admin operations (``locate``, ``get``, ``count``, ``keys``,
+    ``remove``, ``clear``, ``requeue``, ``error_record``) are :class:`MaildirStore`'s.
+
     Args:
-        path: the queue directory; ``tmp/ new/ cur/ later/`` are created on first use.
+        path: the queue directory; ``tmp/ new/ cur/ later/ errors/`` are created on
+            first use.
         options: retry and recovery policy (defaults as in ``[queues.NAME]``).
-        undeliverable: the maildir where buried messages go (``run/undeliverable``
-            beside the queue by default).
+        undeliverable: the maildir where buried messages go (``undeliverable`` beside
+            the queue by default).
         host: this machine's name, in keys and claim owners.
+        watch: the watcher factory a worker's feed uses (``watchfiles.awatch`` when
+            ``None``); tests pass one that loses events.
 
     Example:
-        >>> q = MaildirQueue("/tmp/q-doc2", undeliverable="/tmp/q-doc2-dead")
-        >>> q.url
-        '/tmp/q-doc2'
+        >>> q = MaildirQueue("/srv/run/posts")
+        >>> q.url, q.undeliverable
+        ('/srv/run/posts', PosixPath('/srv/run/undeliverable'))
     """
 
     def __init__(
@@ -201,11 +112,8 @@ class MaildirQueue:
         host: str | None = None,
         watch: WatchFactory | None = None,
     ) -> None:
-        self.path = Path(path).absolute()
-        # The watcher factory a worker's feed uses (watchfiles.awatch when None); tests
-        # pass one that loses events.
+        super().__init__(path)
         self.watch = watch
-        self.url = str(path)
         self.options = options or QueueOptions()
         self.undeliverable = (
             Path(undeliverable).absolute()
@@ -215,7 +123,6 @@ class MaildirQueue:
         self.host = host or socket.gethostname()
         self._names = NameGenerator(host=self.host)
         self._random = random.Random()
-        self._ready = False
         self._new = f"{self.path}/new/"
         self._cur = f"{self.path}/cur/"
         self._writer = MaildirWriter(
@@ -223,40 +130,15 @@ class MaildirQueue:
         )
         self._owner_cache: tuple[int, str] | None = None
 
-    # -- layout -------------------------------------------------------------------------
-
-    def dir(self, name: str) -> Path:
-        """One of the queue's subdirectories.
-
-        Example:
-            >>> MaildirQueue("/srv/q").dir("new")
-            PosixPath('/srv/q/new')
-        """
-        return self.path / name
-
-    def ensure(self) -> None:
-        """Create the queue's directories if they do not exist (idempotent, cached).
-
-        Example:
-            >>> import tempfile; q = MaildirQueue(tempfile.mkdtemp() + "/q"); q.ensure()
-            >>> sorted(p.name for p in q.path.iterdir())
-            ['cur', 'errors', 'later', 'new', 'tmp']
-        """
-        if self._ready:
-            return
-        for sub in ("tmp", "new", "cur", "later", "errors"):
-            (self.path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._ready = True
-
     def _owner(self) -> str:
         """This process's claim token, recomputed after a fork."""
         pid = os.getpid()
         if self._owner_cache is None or self._owner_cache[0] != pid:
-            start = _process_start(pid) or "0"
-            self._owner_cache = (pid, _Owner(escape_host(self.host), pid, start).token())
+            owner = recovery.Owner.current(escape_host(self.host))
+            self._owner_cache = (pid, owner.token())
         return self._owner_cache[1]
 
-    # -- push ----------------------------------------------------------------------------
+    # -- push and claims -----------------------------------------------------------------
 
     async def push(self, message: Pushable) -> str:
         """Store a message durably in ``new/``; return its key once it is on disk.
@@ -279,30 +161,7 @@ class MaildirQueue:
         # fsync across every push waiting with it (group commit; see writer.py).
         return await self._writer.write(data)
 
-    # -- claiming ------------------------------------------------------------------------
-
-    def scan_new(self, batch: int = 1024) -> Iterator[list[str]]:
-        """The file names in ``new/``, in batches (scandir; dot-files skipped).
-
-        Example:
-            >>> import tempfile; q = MaildirQueue(tempfile.mkdtemp()); q.ensure()
-            >>> list(q.scan_new())
-            []
-        """
-        self.ensure()
-        names: list[str] = []
-        with os.scandir(self.path / "new") as it:
-            for entry in it:
-                if entry.name.startswith("."):
-                    continue
-                names.append(entry.name)
-                if len(names) >= batch:
-                    yield names
-                    names = []
-        if names:
-            yield names
-
-    def claim_now(self, filename: str) -> Claim | None:
+    def claim_sync(self, filename: str) -> Claim | None:
         """Claim one file of ``new/`` by renaming it into ``cur/``; blocking.
 
         Returns ``None`` when another worker got it first (or it vanished) and when the
@@ -311,7 +170,7 @@ class MaildirQueue:
         Example:
             >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
             >>> key = asyncio.run(q.push(b"\\n"))
-            >>> q.claim_now(key).key == key, q.claim_now(key)
+            >>> q.claim_sync(key).key == key, q.claim_sync(key)
             (True, None)
         """
         owner = self._owner()
@@ -344,13 +203,13 @@ class MaildirQueue:
         try:
             request = request_from_file(data)
         except CorruptMessageError as exc:
-            self._bury_now(name, Path(path), f"corrupt: {exc}", "corrupt")
+            self._bury_sync(name, Path(path), f"corrupt: {exc}", "corrupt")
             return None
         key = name.key
-        return Claim(key, request, attempts, recoveries, _key_time(key), name)
+        return Claim(key, request, attempts, recoveries, key_time(key), name)
 
     async def claim(self, filename: str) -> Claim | None:
-        """Claim one file of ``new/`` (see :meth:`claim_now`) without blocking the loop.
+        """Claim one file of ``new/`` (see :meth:`claim_sync`) without blocking the loop.
 
         Example:
             >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
@@ -360,7 +219,7 @@ class MaildirQueue:
             >>> asyncio.run(demo())
             0
         """
-        return await asyncio.get_running_loop().run_in_executor(None, self.claim_now, filename)
+        return await asyncio.get_running_loop().run_in_executor(None, self.claim_sync, filename)
 
     def consume(self) -> AsyncIterator[Claim]:
         """Claims as messages arrive: inotify wake-ups, a start scan and a rescan timer.
@@ -395,8 +254,6 @@ class MaildirQueue:
             >>> asyncio.run(drain())
             (2, True)
         """
-        from maildefer.queue.maildir.feed import MaildirFeed
-
         if self.watch is None:
             return MaildirFeed(self, burst=burst, ready=ready).claims()
         return MaildirFeed(self, burst=burst, watch=self.watch, ready=ready).claims()
@@ -407,12 +264,12 @@ class MaildirQueue:
             raise TypeError("claim was not made by a MaildirQueue")
         return name, self._cur + name.filename
 
-    def ack_now(self, claim: Claim) -> None:
+    def ack_sync(self, claim: Claim) -> None:
         """The handler succeeded: delete the claimed file; blocking.
 
         Example:
             >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
-            >>> key = asyncio.run(q.push(b"\\n")); q.ack_now(q.claim_now(key))
+            >>> key = asyncio.run(q.push(b"\\n")); q.ack_sync(q.claim_sync(key))
             >>> asyncio.run(q.count())
             0
         """
@@ -421,7 +278,7 @@ class MaildirQueue:
         # (at-least-once); paying a directory fsync per ack would halve drain speed.
         unlink_quietly(path)
         if name.attempts:
-            unlink_quietly(self.path / "errors" / f"{name.key}.json")
+            unlink_quietly(self.error_path(name.key))
 
     async def ack(self, claim: Claim) -> None:
         """The handler succeeded: the message leaves the queue.
@@ -434,7 +291,7 @@ class MaildirQueue:
             >>> asyncio.run(demo())
             0
         """
-        self.ack_now(claim)
+        self.ack_sync(claim)
 
     @property
     def lease_renewal(self) -> float | None:
@@ -452,15 +309,26 @@ class MaildirQueue:
         """Renew the lease of claims (their mtime) in one thread hop: see :meth:`touch`.
 
         Example:
-            >>> import asyncio; asyncio.run(MaildirQueue("/tmp/q-doc4").renew([]))
+            >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
+            >>> async def demo():
+            ...     claim = await q.claim(await q.push(b"\\n"))
+            ...     os.utime(q.dir("cur") / claim.handle.filename, (0, 0))
+            ...     await q.renew([claim])
+            ...     return (q.dir("cur") / claim.handle.filename).stat().st_mtime > 0
+            >>> asyncio.run(demo())
+            True
         """
         await asyncio.get_running_loop().run_in_executor(None, self.touch, claims)
 
     def touch(self, claims: Sequence[Claim]) -> None:
-        """Renew the lease of claims (mtime), so other hosts do not recover them.
+        """Renew the lease of claims (mtime), so other hosts do not recover them; blocking.
 
         Example:
-            >>> MaildirQueue("/tmp/q-doc4").touch([])
+            >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
+            >>> claim = q.claim_sync(asyncio.run(q.push(b"\\n")))
+            >>> path = q.dir("cur") / claim.handle.filename; os.utime(path, (0, 0))
+            >>> q.touch([claim]); time.time() - path.stat().st_mtime < 60
+            True
         """
         now = time.time()
         for claim in claims:
@@ -485,17 +353,17 @@ class MaildirQueue:
             False
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.retry_now, claim, error)
+        return await loop.run_in_executor(None, self.retry_sync, claim, error)
 
-    def retry_now(self, claim: Claim, error: str) -> bool:
+    def retry_sync(self, claim: Claim, error: str) -> bool:
         """Blocking form of :meth:`retry`."""
         name, path = self._claim_path(claim)
         attempts = name.attempts + 1
         if attempts >= self.options.max_attempts:
-            self._bury_now(name.with_fields(A=attempts), path, error, "failed")
+            self._bury_sync(name.with_fields(A=attempts), path, error, "failed")
             return False
         delay = self.options.backoff(attempts - 1, jitter=self._random.uniform(0.8, 1.2))
-        self._write_error(self.path / "errors", name.key, error, "retry", attempts, sync=False)
+        self._write_error(self, name.key, error, "retry", attempts, sync=False)
         if delay <= 0:
             os.rename(path, self.path / "new" / name.with_fields(W=None, A=attempts).filename)
         else:
@@ -535,17 +403,17 @@ class MaildirQueue:
         """
         name, path = self._claim_path(claim)
         await asyncio.get_running_loop().run_in_executor(
-            None, self._bury_now, name, path, error, reason
+            None, self._bury_sync, name, path, error, reason
         )
 
-    def _bury_now(
+    def _bury_sync(
         self, name: MaildirName, path: str | Path, error: str, reason: BuryReason
     ) -> None:
-        dead = MaildirQueue(self.undeliverable, host=self.host)
+        dead = MaildirStore(self.undeliverable)
         dead.ensure()
         # The record first and durable: if we crash between the two steps, the message
         # is still in cur/ (recovered later) and a stray record is harmless.
-        self._write_error(dead.dir("errors"), name.key, error, reason, name.attempts, sync=True)
+        self._write_error(dead, name.key, error, reason, name.attempts, sync=True)
         target = dead.dir("new") / name.with_fields(W=None, T=None).filename
         try:
             os.rename(path, target)
@@ -557,11 +425,7 @@ class MaildirQueue:
             staged = dead.dir("tmp") / target.name
             try:
                 shutil.copyfile(path, staged)
-                fd = os.open(staged, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_file(str(staged))
                 os.link(staged, target)
             except OSError as copy_exc:
                 unlink_quietly(staged)
@@ -569,11 +433,13 @@ class MaildirQueue:
             unlink_quietly(staged)
             os.unlink(path)
         fsync_dir(dead.dir("new"))
-        unlink_quietly(self.path / "errors" / f"{name.key}.json")
+        unlink_quietly(self.error_path(name.key))
 
     def _write_error(
-        self, folder: Path, key: str, error: str, reason: str, attempts: int, *, sync: bool
+        self, store: MaildirStore, key: str, error: str, reason: str, attempts: int, *, sync: bool
     ) -> None:
+        # In this queue's errors/ (a retry) or the undeliverable one's (a bury), where
+        # the "queue" field says where requeue sends the message back to.
         record = {
             "queue": str(self.path),
             "reason": reason,
@@ -582,24 +448,9 @@ class MaildirQueue:
             "at": time.time(),
             "host": self.host,
         }
-        data = json.dumps(record, indent=1).encode("utf-8", "surrogateescape")
-        tmp = folder / f".{key}.json.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if sync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, folder / f"{key}.json")
-        except BaseException:
-            unlink_quietly(tmp)  # a failed record leaves no debris behind
-            raise
+        store.write_error_record(key, record, sync=sync)
 
-    # -- retries and recovery -------------------------------------------------------------
+    # -- retries and recovery (see recovery.py) -------------------------------------------
 
     def promote_due(self, now: float | None = None) -> tuple[int, float | None]:
         """Move messages whose backoff is over from ``later/`` to ``new/``.
@@ -609,67 +460,30 @@ class MaildirQueue:
             none waits).
 
         Example:
-            >>> import tempfile; MaildirQueue(tempfile.mkdtemp()).promote_due()
-            (0, None)
+            >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
+            >>> async def demo():
+            ...     await q.retry(await q.claim(await q.push(b"\\n")), "boom")
+            ...     return q.promote_due(), q.promote_due(now=time.time() + 3600)
+            >>> asyncio.run(demo())
+            ((0, ...), (1, None))
         """
         self.ensure()
-        now_ms = int((time.time() if now is None else now) * 1000)
-        moved, next_due = 0, None
-        with os.scandir(self.path / "later") as it:
-            for entry in it:
-                if entry.name.startswith("."):
-                    continue
-                name = MaildirName.parse(entry.name)
-                if name.due_ms <= now_ms:
-                    try:
-                        os.rename(entry.path, self.path / "new" / name.with_fields(T=None).filename)
-                        moved += 1
-                    except FileNotFoundError:
-                        continue  # another worker promoted it
-                else:
-                    wait = (name.due_ms - now_ms) / 1000
-                    next_due = wait if next_due is None else min(next_due, wait)
-        return moved, next_due
+        return recovery.promote_due(self.path, now)
 
-    def recover_now(self, now: float | None = None) -> RecoveryReport:
-        """Blocking form of :meth:`recover`."""
+    def recover_sync(self, now: float | None = None) -> RecoveryReport:
+        """Blocking form of :meth:`recover`; ``now`` sets the clock the ages are read on."""
         self.ensure()
         now = time.time() if now is None else now
         report = RecoveryReport()
-        me = escape_host(self.host)
-        with os.scandir(self.path / "cur") as it:
-            entries = [e for e in it if not e.name.startswith(".")]
-        for entry in entries:
-            name = MaildirName.parse(entry.name)
-            owner_field = name.field("W")
-            if owner_field is None:
-                continue  # a maildir reader's message, not a claim of ours
-            owner = _Owner.parse(owner_field)
-            if owner is not None and owner.host == me:
-                if _process_start(owner.pid) == owner.start:
-                    continue  # the claimer is alive
-            else:
-                try:
-                    if now - entry.stat().st_mtime < self.options.lease:
-                        continue  # another host's claim, lease still running
-                except FileNotFoundError:
-                    continue
-            recoveries = name.recoveries + 1
-            back = name.with_fields(W=None, R=recoveries, A=name.attempts + 1)
-            if recoveries >= self.options.max_recoveries:
-                msg = f"worker died {recoveries} times while handling it; quarantined"
-                try:
-                    self._bury_now(back, Path(entry.path), msg, "poison")
-                except FileNotFoundError:
-                    continue
-                report.quarantined += 1
-            else:
-                try:
-                    os.rename(entry.path, self.path / "new" / back.filename)
-                except FileNotFoundError:
-                    continue  # another worker recovered it first
-                report.returned += 1
-        report.tmp_removed = self._clean_tmp(now)
+        report.returned, report.quarantined = recovery.recover_claims(
+            self.path,
+            escape_host(self.host),
+            lease=self.options.lease,
+            max_recoveries=self.options.max_recoveries,
+            quarantine=lambda name, path, error: self._bury_sync(name, path, error, "poison"),
+            now=now,
+        )
+        report.tmp_removed = recovery.clean_tmp(self.dir("tmp"), escape_host(self.host), now)
         report.due, _ = self.promote_due(now)
         return report
 
@@ -685,150 +499,9 @@ class MaildirQueue:
             >>> asyncio.run(MaildirQueue(tempfile.mkdtemp()).recover()).returned
             0
         """
-        return await asyncio.get_running_loop().run_in_executor(None, self.recover_now)
+        return await asyncio.get_running_loop().run_in_executor(None, self.recover_sync)
 
-    def _clean_tmp(self, now: float) -> int:
-        """Delete tmp/ files no writer will finish; returns how many.
-
-        Any file untouched for 36 h goes (qmail's rule, for any program's files). Our own
-        files go at once when the name says they were written on this host by a process
-        that is gone: a push killed mid-write (SIGKILL of serve) never comes back for it.
-        """
-        removed = 0
-        me = escape_host(self.host)
-        with os.scandir(self.path / "tmp") as it:
-            for entry in it:
-                writer = _TMP_NAME.match(entry.name)
-                if writer is not None and writer["host"] == me:
-                    if not os.path.exists(f"/proc/{writer['pid']}"):
-                        unlink_quietly(entry.path)
-                        removed += 1
-                    continue
-                try:
-                    st = entry.stat()
-                except FileNotFoundError:
-                    continue
-                if now - max(st.st_mtime, st.st_atime) >= TMP_MAX_AGE:
-                    unlink_quietly(Path(entry.path))
-                    removed += 1
-        return removed
-
-    # -- the user-facing queue API ------------------------------------------------------
-
-    def _entries(self, dirs: tuple[str, ...] = STATE_DIRS) -> Iterator[tuple[str, str]]:
-        """(directory, file name) of every message, in ``dirs``."""
-        self.ensure()
-        for sub in dirs:
-            with os.scandir(self.path / sub) as it:
-                for entry in it:
-                    if not entry.name.startswith("."):
-                        yield sub, entry.name
-
-    def locate(self, key: str) -> tuple[str, str] | None:
-        """Where a message is: ``(directory, file name)``, or ``None``.
-
-        Example:
-            >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
-            >>> key = asyncio.run(q.push(b"\\n")); q.locate(key) == ("new", key)
-            True
-        """
-        self.ensure()
-        if (self.path / "new" / key).exists():
-            return "new", key
-        for sub, filename in self._entries():
-            if MaildirName.parse(filename).key == key:
-                return sub, filename
-        return None
-
-    def read_now(self, sub: str, filename: str) -> MailRequest:
-        """Read one message file (envelope applied); blocking.
-
-        Raises:
-            CorruptMessageError: the file fails its envelope check.
-
-        Example:
-            >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
-            >>> key = asyncio.run(q.push(MailRequest(b"\\n", mail_from="a@x")))
-            >>> q.read_now("new", key).mail_from
-            'a@x'
-        """
-        return request_from_file((self.path / sub / filename).read_bytes())
-
-    def error_record(self, key: str) -> dict[str, Any] | None:
-        """The last error recorded for a message (retry or bury), or ``None``.
-
-        Example:
-            >>> import tempfile; MaildirQueue(tempfile.mkdtemp()).error_record("nope") is None
-            True
-        """
-        try:
-            data = json.loads((self.path / "errors" / f"{key}.json").read_bytes())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-    async def count(self) -> int:
-        """How many messages are in the queue: waiting, delayed or claimed.
-
-        Example:
-            >>> import asyncio, tempfile; asyncio.run(MaildirQueue(tempfile.mkdtemp()).count())
-            0
-        """
-        return await asyncio.to_thread(lambda: sum(1 for _ in self._entries()))
-
-    async def keys(self) -> list[str]:
-        """The keys of every message in the queue (waiting, delayed, claimed).
-
-        Example:
-            >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
-            >>> key = asyncio.run(q.push(b"\\n")); asyncio.run(q.keys()) == [key]
-            True
-        """
-        return await asyncio.to_thread(
-            lambda: [MaildirName.parse(f).key for _, f in self._entries()]
-        )
-
-    async def get(self, key: str) -> MailRequest | None:
-        """One message by key, or ``None`` if it is not in the queue.
-
-        Example:
-            >>> import asyncio, tempfile
-            >>> asyncio.run(MaildirQueue(tempfile.mkdtemp()).get("nope")) is None
-            True
-        """
-
-        def read() -> MailRequest | None:
-            where = self.locate(key)
-            if where is None:
-                return None
-            try:
-                return self.read_now(*where)
-            except FileNotFoundError:
-                return None
-
-        return await asyncio.to_thread(read)
-
-    async def remove(self, key: str) -> bool:
-        """Delete one message by key; ``True`` if it was there.
-
-        Example:
-            >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
-            >>> key = asyncio.run(q.push(b"\\n")); asyncio.run(q.remove(key))
-            True
-        """
-
-        def remove() -> bool:
-            where = self.locate(key)
-            if where is None:
-                return False
-            try:
-                os.unlink(self.path / where[0] / where[1])
-            except FileNotFoundError:
-                return False
-            unlink_quietly(self.path / "errors" / f"{key}.json")
-            return True
-
-        return await asyncio.to_thread(remove)
+    # -- the user-facing queue API (the rest is MaildirStore's) -------------------------
 
     async def pop(self) -> tuple[str, MailRequest] | None:
         """Take one waiting message off the queue (claim, read, delete), or ``None``.
@@ -846,86 +519,24 @@ class MaildirQueue:
         def pop() -> tuple[str, MailRequest] | None:
             for batch in self.scan_new(batch=64):
                 for filename in batch:
-                    claim = self.claim_now(filename)
+                    claim = self.claim_sync(filename)
                     if claim is not None:
-                        self.ack_now(claim)
+                        self.ack_sync(claim)
                         return claim.key, claim.message
             return None
 
         return await asyncio.to_thread(pop)
 
-    async def clear(self) -> int:
-        """Delete every message in the queue (waiting, delayed, claimed); return how many.
-
-        Example:
-            >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
-            >>> _ = asyncio.run(q.push(b"\\n")); asyncio.run(q.clear())
-            1
-        """
-
-        def clear() -> int:
-            removed = 0
-            for sub, filename in list(self._entries()):
-                try:
-                    os.unlink(self.path / sub / filename)
-                    removed += 1
-                except FileNotFoundError:
-                    continue
-                unlink_quietly(self.path / "errors" / f"{MaildirName.parse(filename).key}.json")
-            return removed
-
-        return await asyncio.to_thread(clear)
-
-    async def requeue(self, *, source: str | None = None) -> int:
-        """Move buried messages from this (undeliverable) queue back where they came from.
-
-        Attempts and recoveries start again from zero.
-
-        Args:
-            source: only messages buried from this queue directory (all when ``None``).
-
-        Returns:
-            How many messages were moved.
-
-        Example:
-            >>> import asyncio, tempfile; d = tempfile.mkdtemp()
-            >>> q = MaildirQueue(d + "/q", undeliverable=d + "/dead")
-            >>> async def demo():
-            ...     await q.bury(await q.claim(await q.push(b"\\n")), "boom", "failed")
-            ...     return await MaildirQueue(d + "/dead").requeue(), await q.count()
-            >>> asyncio.run(demo())
-            (1, 1)
-        """
-        wanted = None if source is None else str(Path(source).absolute())
-
-        def requeue() -> int:
-            moved = 0
-            touched: set[Path] = set()
-            for sub, filename in list(self._entries()):
-                name = MaildirName.parse(filename)
-                record = self.error_record(name.key) or {}
-                origin = record.get("queue")
-                if not isinstance(origin, str) or (wanted is not None and origin != wanted):
-                    continue
-                target = MaildirQueue(origin, host=self.host)
-                target.ensure()
-                try:
-                    os.rename(self.path / sub / filename, target.dir("new") / name.fresh().filename)
-                except FileNotFoundError:
-                    continue
-                touched.add(target.dir("new"))
-                unlink_quietly(self.path / "errors" / f"{name.key}.json")
-                moved += 1
-            for folder in touched:
-                fsync_dir(folder)
-            return moved
-
-        return await asyncio.to_thread(requeue)
-
     async def close(self) -> None:
         """Finish the pushes in flight and stop the writer thread (made again if needed).
 
         Example:
-            >>> import asyncio; asyncio.run(MaildirQueue("/tmp/q-doc5").close())
+            >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
+            >>> async def demo():
+            ...     key = await q.push(b"\\n")
+            ...     await q.close()
+            ...     return (q.dir("new") / key).exists(), await q.count()
+            >>> asyncio.run(demo())
+            (True, 1)
         """
         await self._writer.close()

@@ -3,7 +3,7 @@
 Each queue has a small pool of writer threads (started on demand, at most
 ``WRITER_THREADS``) that take pushes from one shared deque and create each file in
 ``tmp/`` (``O_EXCL``) in parallel. How the files are made durable is the queue's ``sync``
-mode; both keep RELIABILITY.md R1's order (the file's data on disk, then its ``link``
+mode; both keep docs/reliability.md R1's order (the file's data on disk, then its ``link``
 into ``new/``, then that entry on disk, then the push returns):
 
 - ``fsync``: each thread fsyncs its file and links it; the ``new/`` fsync is a group
@@ -73,7 +73,8 @@ def syncfs_available() -> bool:
     would go unseen: the writer then fsyncs each file instead.
 
     Example:
-        >>> isinstance(syncfs_available(), bool)
+        >>> major, minor = os.uname().release.split(".")[:2]
+        >>> syncfs_available() == (sys.platform == "linux" and (int(major), int(minor)) >= (5, 8))
         True
     """
     if not sys.platform.startswith("linux"):
@@ -155,6 +156,42 @@ def unlink_quietly(path: str | Path) -> None:
         return
 
 
+def replace_file(path: Path, data: bytes, *, sync: bool) -> None:
+    """Write ``path`` whole or not at all: a dot-file beside it, then a ``rename`` over it.
+
+    Readers see the old content or the new, never part of it (maildir readers skip the
+    dot-file). The directory is not fsync'd.
+
+    Args:
+        path: the file to create or replace.
+        data: its new content.
+        sync: fsync the data before the rename (it survives a crash once this returns,
+            given a directory fsync).
+
+    Raises:
+        OSError: the write failed; the dot-file is gone and ``path`` is as it was.
+
+    Example:
+        >>> import tempfile; p = Path(tempfile.mkdtemp()) / "r.json"
+        >>> replace_file(p, b"1", sync=False); replace_file(p, b"2", sync=True)
+        >>> p.read_bytes(), sorted(os.listdir(p.parent))
+        (b'2', ['r.json'])
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            write_all(fd, data)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        unlink_quietly(tmp)  # a failed write leaves no debris behind
+        raise
+
+
 class _Push:
     # A plain class with slots: one is made per push, on the event loop.
     __slots__ = ("data", "error", "future", "key", "loop", "tmp")
@@ -221,8 +258,16 @@ class MaildirWriter:
             QueueError: the write or an fsync failed; nothing of it is left behind.
 
         Example:
-            >>> MaildirWriter.write.__name__
-            'write'
+            >>> import asyncio, tempfile
+            >>> d = Path(tempfile.mkdtemp())
+            >>> for sub in ("tmp", "new"): (d / sub).mkdir()
+            >>> async def demo():
+            ...     writer = MaildirWriter(d, NameGenerator(host="h"))
+            ...     key = await writer.write(b"Subject: x\\n\\n")
+            ...     await writer.close()
+            ...     return (d / "new" / key).read_bytes(), os.listdir(d / "tmp")
+            >>> asyncio.run(demo())
+            (b'Subject: x\\n\\n', [])
         """
         loop = asyncio.get_running_loop()
         push = _Push(data, loop, loop.create_future())
@@ -270,7 +315,7 @@ class MaildirWriter:
                     if self.sync == "syncfs":
                         push.tmp = self._create(push.data)  # synced and linked in the commit
                     else:
-                        push.key = self.write_now(push.data)
+                        push.key = self.write_sync(push.data)
                 except BaseException as exc:  # handed to the caller, never swallowed
                     push.error = exc
             with self._lock:
@@ -382,7 +427,7 @@ class MaildirWriter:
                 raise self._error(exc) from exc
             try:
                 try:
-                    _write_all(fd, data)
+                    write_all(fd, data)
                     if sync:
                         os.fsync(fd)
                 finally:
@@ -443,15 +488,19 @@ class MaildirWriter:
                     self._take_back(written, self._error(exc))
             _hand_back(batch)
 
-    def write_now(self, data: bytes) -> str:
+    def write_sync(self, data: bytes) -> str:
         """Write ``data`` into tmp/, fsync it, link it into new/; blocking; no dir fsync.
 
         Raises:
             QueueError: the write failed; nothing of it is left in tmp/ or new/.
 
         Example:
-            >>> MaildirWriter.write_now.__name__
-            'write_now'
+            >>> import tempfile
+            >>> d = Path(tempfile.mkdtemp())
+            >>> for sub in ("tmp", "new"): (d / sub).mkdir()
+            >>> key = MaildirWriter(d, NameGenerator(host="h")).write_sync(b"x")
+            >>> (d / "new" / key).read_bytes(), os.listdir(d / "tmp")
+            (b'x', [])
         """
         return self._link(self._create(data, sync=True))
 
@@ -459,7 +508,19 @@ class MaildirWriter:
         """Finish the pushes in flight and stop the threads (a later push starts them again).
 
         Example:
-            >>> import asyncio; asyncio.run(MaildirWriter(Path("/x"), NameGenerator()).close())
+            >>> import asyncio, tempfile
+            >>> d = Path(tempfile.mkdtemp())
+            >>> for sub in ("tmp", "new"): (d / sub).mkdir()
+            >>> writer = MaildirWriter(d, NameGenerator(host="h"))
+            >>> async def demo():
+            ...     await writer.write(b"a"); await writer.close()
+            ...     key = await writer.write(b"b")  # the threads start again
+            ...     await writer.close()
+            ...     mine = f"maildefer-writer:{d.name}:"
+            ...     alive = [t for t in threading.enumerate() if t.name.startswith(mine)]
+            ...     return (d / "new" / key).exists(), alive
+            >>> asyncio.run(demo())
+            (True, [])
         """
         with self._lock:
             threads = list(self._threads) if self._pid == os.getpid() else []
@@ -476,7 +537,15 @@ class MaildirWriter:
                 os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``, finishing any short write.
+
+    Example:
+        >>> import tempfile
+        >>> fd, name = tempfile.mkstemp()
+        >>> write_all(fd, b"x" * 100_000); os.close(fd); os.path.getsize(name)
+        100000
+    """
     written = os.write(fd, data)
     if written < len(data):  # short write: finish it
         view = memoryview(data)[written:]
