@@ -338,7 +338,7 @@ class Worker:
                     await _cancel(heartbeat)
                 await self._drain(grace=0.0)
                 await _cancel(expiry)
-                await self._release_now()
+                await self._release_waiting()
                 await _aclose(claims)
                 self._log.info("worker_stopped", **asdict(self.stats))
         failure = _failure(pull)
@@ -548,7 +548,7 @@ class Worker:
         self._releasing[task] = claim
         task.add_done_callback(lambda done: self._releasing.pop(done, None))
 
-    async def _release_now(self) -> None:
+    async def _release_waiting(self) -> None:
         """At shutdown: give back at once the claims still waiting out their pause."""
         for task, claim in list(self._releasing.items()):
             await _cancel(task)

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from maildefer.errors import CorruptMessageError
 from maildefer.mail import MailRequest
 from maildefer.queue.envelope import HEADER, Envelope, unwrap, wrap
+from maildefer.queue.keys import NameGenerator, escape_host
 from maildefer.queue.maildir import MaildirQueue
-from maildefer.queue.maildir.names import MaildirName, NameGenerator, escape_host
+from maildefer.queue.maildir.names import MaildirName
 
 ENV = Envelope(
     "sender@example.org", ["a@x.org", "bcc-only@y.org"], "10.0.0.1:2525", 1.7e9, "a@x.org"
@@ -223,9 +224,7 @@ def test_name_state_fields() -> None:
 
 
 def test_keys_are_unique_with_a_frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        "maildefer.queue.maildir.names.time.time_ns", lambda: 1_700_000_000_000_000_000
-    )
+    monkeypatch.setattr("maildefer.queue.keys.time.time_ns", lambda: 1_700_000_000_000_000_000)
     a, b = NameGenerator(host="h"), NameGenerator(host="h")
     keys = {gen.next_key() for gen in (a, b) for _ in range(5000)}
     assert len(keys) == 10_000

@@ -270,6 +270,30 @@ def test_folders_import_only_from_below() -> None:
     assert not broken, "imports against the folder rules:\n  " + "\n  ".join(broken)
 
 
+BACKEND_PACKAGES = ("maildefer.queue.maildir", "maildefer.queue.amqp")
+
+
+def backend_of(module: str) -> str | None:
+    """The backend package a module belongs to, if it is part of one."""
+    for package in BACKEND_PACKAGES:
+        if module == package or module.startswith(package + "."):
+            return package
+    return None
+
+
+def test_no_backend_imports_another() -> None:
+    # What backends share (keys, the envelope, the Protocol) lives beside them in queue/,
+    # so a third backend can be added, or one removed, without touching the others.
+    crossed = [
+        f"{rel(module)}:{line} imports {target}"
+        for module, targets in sorted(graph().items())
+        if backend_of(module) is not None
+        for target, line in sorted(targets.items())
+        if backend_of(target) not in (None, backend_of(module))
+    ]
+    assert not crossed, "a queue backend imports another:\n  " + "\n  ".join(crossed)
+
+
 @cache
 def aiosmtpd_private_names() -> frozenset[str]:
     """The single-underscore members of aiosmtpd's SMTP and LMTP classes and instances."""

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from maildefer.queue.envelope import Envelope, wrap
+from maildefer.queue.keys import NameGenerator
 from maildefer.queue.maildir import MaildirQueue
-from maildefer.queue.maildir.names import NameGenerator
 
 WORKER = Path(__file__).parent / "helpers" / "claim_worker.py"
 

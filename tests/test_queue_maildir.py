@@ -26,8 +26,9 @@ from maildefer.errors import ConfigError, QueueError
 from maildefer.mail import MailRequest
 from maildefer.queue.backend import QueueOptions
 from maildefer.queue.envelope import unwrap
+from maildefer.queue.keys import escape_host
 from maildefer.queue.maildir import MaildirQueue
-from maildefer.queue.maildir.names import MaildirName, escape_host
+from maildefer.queue.maildir.names import MaildirName
 
 FSYNC = QueueOptions(sync="fsync")
 SYNCFS = QueueOptions(sync="syncfs")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from maildefer.queue.backend import QueueOptions
+from maildefer.queue.keys import key_time
 from maildefer.queue.maildir import MaildirQueue
 from maildefer.queue.maildir.inspect import UNDELIVERABLE, collect
-from maildefer.queue.maildir.names import key_time
 from maildefer.settings import load_settings
 from tests.conftest import RunCli
 

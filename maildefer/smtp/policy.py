@@ -160,7 +160,7 @@ class DeliveryPolicy:
     """The aiosmtpd handler: RCPT acceptance and the DATA path into the router.
 
     Args:
-        recipients: the router (or any :class:`RecipientRouter`).
+        router: the router (or any :class:`RecipientRouter`).
         settings: the ``[server]`` limits; ``settings.lmtp`` selects LMTP's DATA replies
             (one per recipient), as it selects the LMTP session class in
             :func:`~maildefer.smtp.session.smtp_factory`.
@@ -188,7 +188,7 @@ class DeliveryPolicy:
         '250 2.0.0 Ok: queued'
     """
 
-    recipients: RecipientRouter
+    router: RecipientRouter
     settings: ServerSettings
     per_recipient: bool = True
     metrics: Metrics | None = None
@@ -241,7 +241,7 @@ class DeliveryPolicy:
             if self.metrics is not None:
                 self.metrics.message_refused(452)
             return "452 4.5.3 Error: too many recipients"
-        if not self.recipients.match(address):
+        if not self.router.match(address):
             log.info("rcpt_refused", rcpt=sanitize(address))
             if self.metrics is not None:
                 self.metrics.message_refused(550)
@@ -329,7 +329,7 @@ class DeliveryPolicy:
         """Deliver to one recipient; the exception it ended with, or ``None``."""
         try:
             async with asyncio.timeout(within):
-                await self.recipients.deliver(request)
+                await self.router.deliver(request)
         except SMTPError as exc:
             log.info("handler_refused", rcpt=sanitize(request.rcpt_to), reply=sanitize(exc.reply))
             return exc

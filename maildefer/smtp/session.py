@@ -479,7 +479,7 @@ class LMTPSession(SMTPSession, LMTP):
 
 def smtp_factory(
     settings: ServerSettings,
-    recipients: RecipientRouter,
+    router: RecipientRouter,
     tracker: SessionTracker,
     *,
     tls_context: ssl.SSLContext | None = None,
@@ -490,7 +490,7 @@ def smtp_factory(
 
     Args:
         settings: the ``[server]`` table (limits, hostname, ``lmtp``).
-        recipients: who is accepted at RCPT and where DATA goes (the router).
+        router: who is accepted at RCPT and where DATA goes (the router).
         tracker: the listener's session registry (caps, shutdown).
         tls_context: offer STARTTLS with this context.
         per_recipient: deliver once per recipient (the router) or once per message.
@@ -524,6 +524,6 @@ def smtp_factory(
         250 2.0.0 Ok: queued
         221 Bye
     """
-    policy = DeliveryPolicy(recipients, settings, per_recipient=per_recipient, metrics=metrics)
+    policy = DeliveryPolicy(router, settings, per_recipient=per_recipient, metrics=metrics)
     cls = LMTPSession if settings.lmtp else SMTPSession
     return partial(cls, policy, tracker, settings=settings, tls_context=tls_context)

@@ -49,7 +49,7 @@ from maildefer.queue.amqp.topology import (
 )
 from maildefer.queue.backend import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
 from maildefer.queue.envelope import message_parts, request_from_file, wrap
-from maildefer.queue.maildir.names import NameGenerator
+from maildefer.queue.keys import NameGenerator
 
 DEFAULT_PREFETCH = 8
 """Unacked messages a consumer may hold when the worker did not say (its concurrency)."""

@@ -25,7 +25,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from maildefer.queue.maildir.names import MaildirName, key_time
+from maildefer.queue.keys import key_time
+from maildefer.queue.maildir.names import MaildirName
 from maildefer.queue.maildir.store import STATE_DIRS, MaildirStore
 from maildefer.settings import Settings
 

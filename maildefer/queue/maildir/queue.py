@@ -47,9 +47,10 @@ from maildefer.errors import ConfigError, CorruptMessageError, QueueError
 from maildefer.mail import MailRequest
 from maildefer.queue.backend import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
 from maildefer.queue.envelope import message_parts, request_from_file, wrap
+from maildefer.queue.keys import NameGenerator, escape_host, key_time
 from maildefer.queue.maildir import recovery
 from maildefer.queue.maildir.feed import MaildirFeed, WatchFactory
-from maildefer.queue.maildir.names import MaildirName, NameGenerator, escape_host, key_time
+from maildefer.queue.maildir.names import MaildirName
 from maildefer.queue.maildir.store import MaildirStore, read_file
 from maildefer.queue.maildir.writer import (
     MaildirWriter,

@@ -28,7 +28,7 @@ finishes the write or cleans it up: there is one whole message in ``new/`` or no
 Example:
     >>> import asyncio, tempfile
     >>> from pathlib import Path
-    >>> from maildefer.queue.maildir.names import NameGenerator
+    >>> from maildefer.queue.keys import NameGenerator
     >>> d = Path(tempfile.mkdtemp())
     >>> for sub in ("tmp", "new"): (d / sub).mkdir()
     >>> async def demo():
@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Literal, cast
 
 from maildefer.errors import QueueError
-from maildefer.queue.maildir.names import NameGenerator
+from maildefer.queue.keys import NameGenerator
 
 WRITER_THREADS = 4
 """Writer threads per queue at most: enough file fsyncs in flight for ext4 to merge them."""
