@@ -7,7 +7,7 @@ aiosmtpd's internals, is :mod:`maildefer.smtp.session`. A listener shares one
 :class:`DeliveryPolicy` (the aiosmtpd "handler") and one :class:`SessionTracker` between
 all its connections.
 
-What aiosmtpd does not do and this module adds (RELIABILITY.md R23-R31):
+What aiosmtpd does not do and this module adds (docs/reliability.md R23-R31):
 
 - RCPT: an address no route matches gets ``550 5.1.1``; past ``max_recipients``,
   ``452 4.5.3``. Nothing is ever relayed.

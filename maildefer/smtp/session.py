@@ -6,7 +6,7 @@
 :class:`~maildefer.smtp.policy.DeliveryPolicy` (the aiosmtpd "handler": RCPT and DATA
 decisions) and one :class:`~maildefer.smtp.policy.SessionTracker` (caps, shutdown).
 
-What this adds to aiosmtpd (RELIABILITY.md R23-R31; each part says why where it is): the
+What this adds to aiosmtpd (docs/reliability.md R23-R31; each part says why where it is): the
 tracker's connection caps; a command idle timeout and a DATA deadline that grows with the
 bytes received; ``421`` after ``max_bad_commands`` error replies; a cap on "junk" commands;
 ``451`` for internal errors; RFC 3463 codes on aiosmtpd's replies. The message bytes are
