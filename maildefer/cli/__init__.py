@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import sys
 from collections.abc import Sequence
@@ -92,6 +93,21 @@ def _selected(argv: Sequence[str]) -> str | None:
     return None
 
 
+def installed_version() -> str:
+    """The version of the installed maildefer distribution (``pyproject.toml``'s).
+
+    Read from the package metadata, so the number lives in one place.
+
+    Example:
+        >>> installed_version().count(".") >= 2
+        True
+    """
+    try:
+        return importlib.metadata.version("maildefer")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; only ``command``'s module is imported (all when ``None``).
 
@@ -112,6 +128,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="settings file (default: config/settings.toml)",
     )
+    parser.add_argument("--version", action="version", version=f"maildefer {installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, module, help_text in COMMANDS:
