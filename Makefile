@@ -15,12 +15,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian's systemd package brings systemd-analyze and systemd-socket-activate for the unit
-# and socket-activation tests (no running systemd is needed). Installed only as root with
-# apt; elsewhere those tests skip with a reason.
+# and socket-activation tests (no running systemd is needed); Debian's postfix package the
+# real Postfix that tests/test_foreign_maildir.py starts as a private instance. Installed
+# only as root with apt; elsewhere, or when apt fails (no network), those tests skip with a
+# reason and this target still succeeds. Postfix is installed as "No configuration" (no
+# /etc/postfix/main.cf), so the system's own daemon is never started.
 system-deps:
 	@if ! command -v systemd-socket-activate >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing Debian's systemd package (for systemd-analyze, systemd-socket-activate)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null \
+			|| echo "could not install systemd: the unit and socket-activation tests will skip"; \
+	fi
+	@if ! dpkg -s postfix 2>/dev/null | grep -q '^Status: install ok installed' && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's postfix package (for the foreign-maildir tests; the daemon is not started)"; \
+		{ apt-get update -qq && echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null; } \
+			|| echo "could not install postfix: the real-Postfix tests will skip"; \
 	fi
 
 # Postfix's smtp-source load generator and smtp-sink (the native ceiling) for make bench.

@@ -139,6 +139,19 @@ def md_push(root: Path, n: int, size: int, pushers: int) -> float:
     return asyncio.run(main())
 
 
+def md_push_sync(root: Path, n: int, size: int) -> float:
+    """maildefer: ``push_sync`` from plain synchronous code, one caller, no event loop."""
+    data = request(size)
+    q = MaildirQueue(root)
+    q.ensure()
+    start = time.perf_counter()
+    for _ in range(n):
+        q.push_sync(data)
+    elapsed = time.perf_counter() - start
+    q.close_sync()
+    return n / elapsed
+
+
 def stdlib_add(root: Path, n: int, size: int) -> float:
     box = mailbox.Maildir(str(root / "box"), create=True)
     data = message(size)
@@ -206,6 +219,16 @@ def md_drain(q: MaildirQueue, m: int) -> float:
     return done / (time.perf_counter() - start)
 
 
+def rotate(rounds: int, *fns: Callable[[int], float]) -> list[float]:
+    """Median rate of each of ``fns`` over rounds that rotate their order."""
+    rates: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for i in range(len(fns)):
+            j = (i + r) % len(fns)
+            rates[j].append(fns[j](r))
+    return [statistics.median(out) for out in rates]
+
+
 def alternate(
     rounds: int, a: Callable[[int], float], b: Callable[[int], float]
 ) -> tuple[float, float]:
@@ -258,10 +281,11 @@ def main() -> int:
 
     try:
         n1 = 300 if quick else 1000
-        log(f"push 4 KiB, 1 pusher, {n1} messages x {rounds} rounds")
-        md1, naive1 = alternate(
+        log(f"push and push_sync 4 KiB, 1 pusher, {n1} messages x {rounds} rounds")
+        md1, sync1, naive1 = rotate(
             rounds,
             run(lambda p: md_push(p, n1, 4 * KIB, 1)),
+            run(lambda p: md_push_sync(p, n1, 4 * KIB)),
             run(lambda p: naive_push(p, n1, 4 * KIB, 1)),
         )
         figure_done()
@@ -269,6 +293,12 @@ def main() -> int:
         emit(
             "push, 1 pusher, 4 KiB",
             md1,
+            baseline="naive durable create, 1 thread, 4 KiB",
+            base_value=naive1,
+        )
+        emit(
+            "push_sync, 1 pusher, 4 KiB",
+            sync1,
             baseline="naive durable create, 1 thread, 4 KiB",
             base_value=naive1,
         )

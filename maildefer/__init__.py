@@ -23,7 +23,8 @@ Example:
 
 from __future__ import annotations
 
-from maildefer.errors import SMTPError
+from maildefer.errors import Retry, SMTPError
+from maildefer.lifespan import resources
 from maildefer.mail import MailRequest, MailResponse
 from maildefer.queue import Queue
 from maildefer.routing import Router, route, route_like, stateless
@@ -32,8 +33,10 @@ __all__ = [
     "MailRequest",
     "MailResponse",
     "Queue",
+    "Retry",
     "Router",
     "SMTPError",
+    "resources",
     "route",
     "route_like",
     "stateless",

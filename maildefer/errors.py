@@ -9,7 +9,9 @@ application can catch the lot in one place::
     │   └── CorruptMessageError  a queued file fails its envelope check (length, sha256)
     ├── RoutingError           a handler module or pattern is wrong
     │   └── NoRouteError         no route matches a recipient (SMTP: 550 at RCPT)
-    └── SMTPError              a handler refuses a message with its own SMTP reply
+    ├── SMTPError              a handler refuses a message with its own SMTP reply
+    │                            (in a worker, a 5xx is permanent: buried at once)
+    └── Retry                  a worker handler asks for another attempt after a delay
 
 Example:
     Catch everything maildefer raises on purpose, and nothing else:
@@ -95,6 +97,25 @@ class NoRouteError(RoutingError):
     """
 
 
+class LifespanError(MaildeferError):
+    """A handler module's ``lifespan`` raised while starting: the daemon exits 1.
+
+    Args:
+        module: the handler module whose lifespan failed.
+        error: the exception, as ``"Type: message"``.
+
+    Example:
+        >>> err = LifespanError("app.handlers.db", "OSError: connection refused")
+        >>> err.module, str(err)
+        ('app.handlers.db', 'lifespan of app.handlers.db failed: OSError: connection refused')
+    """
+
+    def __init__(self, module: str, error: str) -> None:
+        super().__init__(f"lifespan of {module} failed: {error}")
+        self.module = module
+        self.error = error
+
+
 class SMTPError(MaildeferError):
     """Raised by a handler to refuse a message with a specific SMTP reply.
 
@@ -117,3 +138,44 @@ class SMTPError(MaildeferError):
     def reply(self) -> str:
         """The full SMTP reply line, code and text."""
         return f"{self.code} {self.message}"
+
+
+class Retry(MaildeferError):
+    """Raised by a worker handler: try this message again after ``delay`` seconds.
+
+    The retry counts as an attempt: the message is buried (reason ``"failed"``) once
+    ``max_attempts`` is reached, as after any failure, and never earlier. The error
+    recorded beside the message says it was a requested retry. The delay replaces the
+    queue's backoff for this one retry; it is a minimum (a maildir worker picks the
+    message up once it is due; a RabbitMQ queue rounds it up to its ladder of delay
+    queues). In ``serve`` it is a temporary failure like any other exception: ``451``.
+
+    Args:
+        delay: seconds to wait at least before the next attempt (0: at once).
+        reason: why, for the error record and the log line.
+
+    Raises:
+        ValueError: ``delay`` is negative or not a finite number.
+
+    Example:
+        A handler that waits for a resource to be ready (arq's ``Retry(defer=...)``)::
+
+            @route("(address)@(host)")
+            @stateless
+            async def START(message, address, host):
+                if not await thumbnails_ready(message.key):
+                    raise Retry(delay=60, reason="thumbnails not ready")
+
+        >>> str(Retry(delay=1.5, reason="not ready"))
+        'retry requested by the handler in 1.5 s: not ready'
+    """
+
+    def __init__(self, delay: float = 0.0, reason: str = "") -> None:
+        delay = float(delay)
+        # NaN fails both comparisons: refused with the negatives and the infinities.
+        if not 0.0 <= delay < float("inf"):
+            raise ValueError(f"Retry(delay={delay!r}): expected a finite number >= 0")
+        text = f"retry requested by the handler in {delay:g} s"
+        super().__init__(f"{text}: {reason}" if reason else text)
+        self.delay = delay
+        self.reason = reason

@@ -1,5 +1,8 @@
 """The event loop a daemon runs on: stdlib asyncio, uvloop, or uvloop when installed.
 
+Also the few task chores both daemons' shutdowns share (:func:`cancel_and_wait`,
+:func:`task_failure`, :func:`aclose`).
+
 ``serve`` and ``worker`` run their coroutine through :func:`run`, which picks the loop named by
 ``[runtime] loop`` (or ``--loop``), as uvicorn's ``--loop auto|asyncio|uvloop``:
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Literal, TypeVar, get_args
 
 from maildefer.errors import ConfigError
@@ -121,3 +124,57 @@ def run(main: Coroutine[Any, Any, _T], loop: str = "asyncio") -> _T:
         raise
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel a task (unless it is done) and wait until it is; its outcome is not raised.
+
+    Example:
+        >>> async def main() -> bool:
+        ...     task = asyncio.get_running_loop().create_task(asyncio.sleep(60))
+        ...     await cancel_and_wait(task)
+        ...     return task.cancelled()
+        >>> run(main())
+        True
+    """
+    if not task.done():
+        task.cancel()
+    await asyncio.wait([task])
+
+
+def task_failure(task: asyncio.Task[Any]) -> BaseException | None:
+    """The exception a finished task ended with (``None`` if cancelled, fine or not done).
+
+    Example:
+        >>> async def main() -> str:
+        ...     async def fail() -> None:
+        ...         raise OSError("disk")
+        ...     task = asyncio.get_running_loop().create_task(fail())
+        ...     await asyncio.wait([task])
+        ...     return repr(task_failure(task))
+        >>> run(main())
+        "OSError('disk')"
+    """
+    if not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
+async def aclose(iterator: AsyncIterator[Any]) -> None:
+    """Close an async iterator that can be closed (an async generator); others are left.
+
+    Example:
+        >>> async def main() -> list[int]:
+        ...     async def numbers():
+        ...         yield 1
+        ...         yield 2
+        ...     it = numbers()
+        ...     first = await anext(it)
+        ...     await aclose(it)
+        ...     return [first, *[n async for n in it]]
+        >>> run(main())
+        [1]
+    """
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()

@@ -35,11 +35,27 @@ class MailRequest:
         rcpt_to: the recipient this handler call is for (the first one by default).
         peer: the client's address, ``"host:port"``, or ``""`` when not from SMTP.
         received_at: when the message was accepted (Unix time).
+        key: in a worker, the queue key that ``push`` returned; ``None`` in ``serve``.
+        attempt: in a worker, the attempt number (1 for the first); ``None`` in ``serve``.
+        queued_at: in a worker, when the message was first queued (Unix time, the first
+            ``push``, not the latest retry); ``None`` in ``serve`` or when unknown (a file
+            another program dropped in with a name that carries no time).
+
+    The worker sets the last three on the message of each claim.
 
     Example:
         >>> m = MailRequest(b"\\n", mail_from="a@x.org", rcpt_tos=["b@y.org", "c@y.org"])
         >>> m.for_recipient("c@y.org").rcpt_to
         'c@y.org'
+
+        A worker handler that keeps a record per message and attempt:
+
+        >>> async def START(message):
+        ...     if message.attempt is not None and message.attempt > 1:
+        ...         print(f"{message.key}: attempt {message.attempt}")
+        >>> import asyncio
+        >>> asyncio.run(START(MailRequest(b"\\n", key="1700000000.M1P2Q3.h", attempt=2)))
+        1700000000.M1P2Q3.h: attempt 2
     """
 
     raw: bytes
@@ -48,6 +64,9 @@ class MailRequest:
     rcpt_to: str = ""
     peer: str = ""
     received_at: float = field(default_factory=time.time)
+    key: str | None = None
+    attempt: int | None = None
+    queued_at: float | None = None
 
     def __post_init__(self) -> None:
         if not self.rcpt_to and self.rcpt_tos:

@@ -1,8 +1,10 @@
 """Routing: recipient address → handler functions, with Lamson's per-sender state functions.
 
-The decorators only attach metadata to the function they decorate; nothing is registered
-anywhere. :meth:`Router.from_modules` imports handler modules and builds a router
-instance from what it finds, so two routers in one process never interfere.
+The decorators (``maildefer/routes.py``, re-exported here) only attach metadata to the
+function they decorate; nothing is registered anywhere. :meth:`Router.from_modules`
+imports handler modules and builds a router instance from what it finds (their routes
+and their ``lifespan`` hooks: ``maildefer/lifespan.py``), so two routers in one process
+never interfere.
 
 Patterns are Lamson's: a regex over the whole address in which ``(name)`` is a named
 group. A group's regex comes from the ``route(...)`` keyword of the same name, else from
@@ -44,243 +46,33 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-import re
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 
 from maildefer.errors import NoRouteError, RoutingError, SMTPError
+from maildefer.lifespan import LifespanHook, Lifespans, bind_resources, module_lifespan
 from maildefer.logs import sanitize
 from maildefer.mail import MailRequest
+from maildefer.routes import (
+    Handler,
+    Route,
+    is_stateless,
+    module_routes,
+    route,
+    route_like,
+    stateless,
+)
+from maildefer.settings import Settings
 from maildefer.state import MemoryStateStore, StateStore
 
 __all__ = ["Handler", "Route", "Router", "route", "route_like", "stateless"]
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 START = "START"
-_ROUTES_ATTR = "_maildefer_routes"
-_STATELESS_ATTR = "_maildefer_stateless"
-# "(name)" not preceded by a backslash: a Lamson group. "(?:...)", "(a|b)" are left alone.
-_GROUP = re.compile(r"(?<!\\)\(([A-Za-z_][A-Za-z0-9_]*)\)")
-
-
-def route(pattern: str, **groups: str) -> Callable[[F], F]:
-    """Route the addresses ``pattern`` matches to the decorated handler.
-
-    Args:
-        pattern: a regex over the whole address, in which ``(name)`` is a named group.
-        **groups: regexes for some groups, overriding the router's defaults.
-
-    Returns:
-        A decorator that attaches the route to the function and returns it unchanged.
-        It may be stacked to give one handler several patterns.
-
-    Example:
-        >>> import asyncio, sys, types
-        >>> from maildefer.mail import MailRequest
-        >>> app = sys.modules["doc_route"] = types.ModuleType("doc_route")
-        >>> exec('''
-        ... from maildefer import route
-        ... @route("(user)-list@(host)", user="[a-z]+")
-        ... async def START(message, user, host):
-        ...     print("list", user, "at", host)
-        ... ''', app.__dict__)
-        >>> router = Router.from_modules(["doc_route"])
-        >>> asyncio.run(router.deliver(MailRequest(b"\\n", rcpt_tos=["news-list@x.org"])))
-        list news at x.org
-        1
-        >>> router.match("news2-list@x.org")  # the group's own regex: [a-z]+
-        []
-    """
-
-    def decorate(fn: F) -> F:
-        previous: tuple[tuple[str, dict[str, str]], ...] = getattr(fn, _ROUTES_ATTR, ())
-        setattr(fn, _ROUTES_ATTR, (*previous, (pattern, dict(groups))))
-        return fn
-
-    return decorate
-
-
-def route_like(other: Callable[..., Any]) -> Callable[[F], F]:
-    """Give the decorated handler the same route(s) as ``other``.
-
-    Raises:
-        RoutingError: ``other`` has no ``@route``.
-
-    Example:
-        >>> import asyncio, sys, types
-        >>> from maildefer.mail import MailRequest
-        >>> app = sys.modules["doc_route_like"] = types.ModuleType("doc_route_like")
-        >>> exec('''
-        ... from maildefer import route, route_like
-        ... @route("(name)@(host)")
-        ... async def START(message, name, host):
-        ...     print("START", name)
-        ...     return POSTING
-        ... @route_like(START)
-        ... async def POSTING(message, name, host):
-        ...     print("POSTING", name)
-        ... ''', app.__dict__)
-        >>> router = Router.from_modules(["doc_route_like"])
-        >>> message = MailRequest(b"\\n", mail_from="ann@y.org", rcpt_tos=["blog@x.org"])
-        >>> for _ in range(2):  # POSTING answers on START's addresses
-        ...     _ = asyncio.run(router.deliver(message))
-        START blog
-        POSTING blog
-    """
-    routes: tuple[tuple[str, dict[str, str]], ...] = getattr(other, _ROUTES_ATTR, ())
-    if not routes:
-        name = getattr(other, "__qualname__", repr(other))
-        raise RoutingError(f"route_like({name}): {name} has no @route")
-
-    def decorate(fn: F) -> F:
-        previous: tuple[tuple[str, dict[str, str]], ...] = getattr(fn, _ROUTES_ATTR, ())
-        setattr(fn, _ROUTES_ATTR, previous + routes)
-        return fn
-
-    return decorate
-
-
-def stateless(fn: F) -> F:
-    """Mark a handler stateless: called for every matching message, no state, no lock.
-
-    Example:
-        ``ARCHIVE`` runs for every message (first), whatever the sender's state:
-
-        >>> import asyncio, io, sys, types
-        >>> from maildefer import logs; logs.configure(level="warning", stream=io.StringIO())
-        >>> from maildefer.mail import MailRequest
-        >>> app = sys.modules["doc_stateless"] = types.ModuleType("doc_stateless")
-        >>> exec('''
-        ... from maildefer import route, stateless
-        ... @route("(name)@(host)")
-        ... async def START(message, name, host):
-        ...     print("START")
-        ...     return CONFIRMED
-        ... @route("confirm-(name)@(host)")
-        ... async def CONFIRMED(message, name, host):
-        ...     print("CONFIRMED")
-        ... @route("(name)@(host)")
-        ... @stateless
-        ... async def ARCHIVE(message, name, host):
-        ...     print("ARCHIVE")
-        ... ''', app.__dict__)
-        >>> router = Router.from_modules(["doc_stateless"])
-        >>> message = MailRequest(b"\\n", mail_from="ann@y.org", rcpt_tos=["blog@x.org"])
-        >>> asyncio.run(router.deliver(message))
-        ARCHIVE
-        START
-        2
-        >>> asyncio.run(router.deliver(message))  # the sender is now in CONFIRMED
-        ARCHIVE
-        1
-    """
-    setattr(fn, _STATELESS_ATTR, True)
-    return fn
-
-
-@dataclass(frozen=True)
-class Handler:
-    """One handler function as the router sees it.
-
-    Example:
-        >>> def START(message): ...
-        >>> Handler("START", START, stateless=False, module="app").qualified
-        'app.START'
-    """
-
-    name: str
-    function: Callable[..., Any]
-    stateless: bool
-    module: str
-
-    @property
-    def qualified(self) -> str:
-        """``module.name``."""
-        return f"{self.module}.{self.name}"
-
-
-@dataclass(frozen=True, eq=False, repr=False)
-class Route:
-    """One pattern of one module, and the handlers it leads to.
-
-    Example:
-        >>> r = Route.compile("post-(name)@(host)", {}, {"host": "x\\\\.org"}, "app", ())
-        >>> r.regex.pattern
-        'post-(?P<name>.+)@(?P<host>x\\\\.org)'
-        >>> r.groups("Post-a@X.org")
-        {'name': 'a', 'host': 'X.org'}
-    """
-
-    pattern: str
-    regex: re.Pattern[str]
-    module: str
-    handlers: tuple[Handler, ...]
-
-    @classmethod
-    def compile(
-        cls,
-        pattern: str,
-        groups: Mapping[str, str],
-        defaults: Mapping[str, str],
-        module: str,
-        handlers: tuple[Handler, ...],
-    ) -> Route:
-        """Expand the ``(name)`` groups of a pattern and compile it.
-
-        Raises:
-            RoutingError: the expanded pattern is not a valid regex, or ``groups`` names a
-                group the pattern does not have.
-
-        Example:
-            >>> Route.compile("(a)@x", {"a": "[0-9]+"}, {}, "m", ()).regex.pattern
-            '(?P<a>[0-9]+)@x'
-        """
-        names: list[str] = []
-
-        def expand(match: re.Match[str]) -> str:
-            name = match.group(1)
-            names.append(name)
-            return f"(?P<{name}>{groups.get(name, defaults.get(name, '.+'))})"
-
-        expanded = _GROUP.sub(expand, pattern)
-        unknown = sorted(set(groups) - set(names))
-        if unknown:
-            raise RoutingError(f"{module}: route {pattern!r} has no group named {unknown[0]!r}")
-        try:
-            regex = re.compile(expanded, re.IGNORECASE)
-        except re.error as exc:
-            raise RoutingError(f"{module}: route {pattern!r} is not a valid regex: {exc}") from None
-        return cls(pattern, regex, module, handlers)
-
-    @property
-    def handler_names(self) -> tuple[str, ...]:
-        """The names of the handlers on this route, in definition order."""
-        return tuple(h.name for h in self.handlers)
-
-    @property
-    def handler_name(self) -> str:
-        """The first handler's name (most routes have one)."""
-        return self.handlers[0].name if self.handlers else ""
-
-    def __repr__(self) -> str:
-        return f"<Route {self.pattern!r} {self.module} {','.join(self.handler_names)}>"
-
-    def groups(self, address: str) -> dict[str, str] | None:
-        """The groups of ``address`` if this route matches it whole, else ``None``.
-
-        Example:
-            >>> Route.compile("(a)@x", {}, {}, "m", ()).groups("b@y") is None
-            True
-        """
-        match = self.regex.fullmatch(address)
-        return None if match is None else match.groupdict()
 
 
 class _KeyedLocks:
@@ -305,47 +97,6 @@ class _KeyedLocks:
         return len(self._locks)
 
 
-def _module_routes(module: ModuleType, defaults: Mapping[str, str]) -> list[Route]:
-    """The routes a handler module declares, in definition order."""
-    name = module.__name__
-    found: dict[tuple[str, tuple[tuple[str, str], ...]], list[Handler]] = {}
-    seen: set[int] = set()
-    for fn in list(vars(module).values()):
-        routes = getattr(fn, _ROUTES_ATTR, None)
-        # A handler imported from another module belongs to that module, as in Lamson.
-        if not routes or not callable(fn) or getattr(fn, "__module__", None) != name:
-            continue
-        if id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        handler = Handler(fn.__name__, fn, bool(getattr(fn, _STATELESS_ATTR, False)), name)
-        for pattern, groups in routes:
-            found.setdefault((pattern, tuple(sorted(groups.items()))), []).append(handler)
-    result = []
-    for (pattern, groups), handlers in found.items():
-        compiled = Route.compile(pattern, dict(groups), defaults, name, tuple(handlers))
-        for handler in handlers:
-            _check_signature(handler, compiled)
-        result.append(compiled)
-    if not result:
-        raise RoutingError(f"handler module {name!r} defines no @route handler")
-    return result
-
-
-def _check_signature(handler: Handler, compiled: Route) -> None:
-    try:
-        signature = inspect.signature(handler.function)
-    except (TypeError, ValueError):
-        return  # a builtin or C callable: nothing to check
-    try:
-        signature.bind(None, **dict.fromkeys(compiled.regex.groupindex, ""))
-    except TypeError as exc:
-        raise RoutingError(
-            f"{handler.qualified} cannot take the groups of route {compiled.pattern!r}"
-            f" as keyword arguments: {exc}"
-        ) from None
-
-
 async def _invoke(fn: Callable[..., Any], message: MailRequest, groups: dict[str, str]) -> Any:
     result = fn(message, **groups)
     if inspect.isawaitable(result):
@@ -359,11 +110,13 @@ class Router:
     Args:
         routes: the routes, in the order they are tried.
         modules: the handler modules by name, to find state functions without ``@route``
-            (default: looked up in ``sys.modules``).
+            (default: looked up in ``sys.modules``) and their ``lifespan`` hooks
+            (:meth:`lifespan`; only these modules' are run).
         state: where sender states live (default: in memory).
 
     Raises:
-        RoutingError: a module has stateful handlers but no ``START``.
+        RoutingError: a module has stateful handlers but no ``START``, or a ``lifespan``
+            that is not a hook (see :func:`~maildefer.lifespan.module_lifespan`).
 
     Example:
         >>> import asyncio
@@ -399,6 +152,13 @@ class Router:
                     f"handler module {module!r} has state functions"
                     f" ({', '.join(sorted(fns))}) but no START"
                 )
+        self._lifespans: list[tuple[str, LifespanHook]] = [
+            (name, hook)
+            for name, mod in self._modules.items()
+            if (hook := module_lifespan(mod)) is not None
+        ]
+        # Module -> what its lifespan yielded, filled while lifespan() is entered.
+        self._resources: dict[str, Any] = {}
 
     @classmethod
     def from_modules(
@@ -417,7 +177,8 @@ class Router:
 
         Raises:
             RoutingError: a module cannot be imported, declares no route, or has an
-                invalid pattern or a handler that cannot take its route's groups.
+                invalid pattern, a handler that cannot take its route's groups or a
+                ``lifespan`` that is not a hook.
 
         Example:
             >>> Router.from_modules(["no.such.module"])
@@ -435,8 +196,38 @@ class Router:
                     f"cannot import handler module {name!r}: {type(exc).__name__}: {exc}"
                 ) from exc
             loaded[name] = module
-            routes.extend(_module_routes(module, defaults or {}))
+            routes.extend(module_routes(module, defaults or {}))
         return cls(routes, modules=loaded, state=state)
+
+    def lifespan(self, settings: Settings) -> Lifespans:
+        """The ``lifespan`` hooks of this router's modules, to enter around serving.
+
+        ``Server`` enters it by itself; give it to a ``Worker`` as its ``lifespan``; a
+        test may enter it around a conversation. While it is entered, a handler's
+        :func:`~maildefer.lifespan.resources` is what its module's lifespan yielded.
+
+        Example:
+            >>> import asyncio, sys, types
+            >>> from maildefer.settings import Settings
+            >>> app = sys.modules["doc_router_lifespan"] = types.ModuleType("doc_router_lifespan")
+            >>> exec('''
+            ... from contextlib import asynccontextmanager
+            ... from maildefer import resources, route
+            ... @asynccontextmanager
+            ... async def lifespan(settings):
+            ...     yield {"greeting": "hello"}
+            ... @route("(name)@x[.]org")
+            ... async def START(message, name):
+            ...     print(resources()["greeting"], name)
+            ... ''', app.__dict__)
+            >>> router = Router.from_modules(["doc_router_lifespan"])
+            >>> async def demo():
+            ...     async with router.lifespan(Settings()):
+            ...         await router.deliver(MailRequest(b"\\n", rcpt_tos=["ann@x.org"]))
+            >>> asyncio.run(demo())
+            hello ann
+        """
+        return Lifespans(self._lifespans, settings, resources=self._resources)
 
     def routes(self) -> list[Route]:
         """Every route, in the order they are tried.
@@ -543,7 +334,7 @@ class Router:
         # Lamson: a state function without @route answers on the routes of START.
         mod = self._modules.get(module) or sys.modules.get(module)
         fn = getattr(mod, state, None) if mod is not None and not state.startswith("_") else None
-        if callable(fn) and not getattr(fn, _STATELESS_ATTR, False):
+        if callable(fn) and not is_stateless(fn):
             return state, fn, fns[START][1]
         # A state saved by an older version of the module: start the sender over.
         structlog.get_logger("maildefer.routing").warning(
@@ -579,6 +370,10 @@ class Router:
         groups = chosen.groups(message.rcpt_to) or {}
         log = structlog.get_logger("maildefer.routing")
         try:
+            if chosen.module in self._resources:
+                # What the module's lifespan yielded, for resources() in its handlers.
+                with bind_resources(self._resources[chosen.module]):
+                    return await _invoke(fn, message, groups)
             return await _invoke(fn, message, groups)
         except SMTPError as exc:
             log.info("handler refused message", handler=qualified, reply=sanitize(exc.reply))

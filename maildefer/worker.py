@@ -8,8 +8,8 @@ in ``new/`` for other workers). Each message runs in its own task, under
 - the handlers return: **ack** (the message leaves the queue);
 - they raise or time out: **retry** with backoff, or after ``max_attempts`` **bury** it
   in the undeliverable queue with the error and traceback recorded;
-- no handler matches (:class:`~maildefer.errors.NoRouteError`): **bury** at once,
-  since retrying cannot help.
+- :class:`~maildefer.errors.Retry`: **retry** after its delay (still an attempt); a 5xx
+  :class:`~maildefer.errors.SMTPError` or no route: **bury** at once (``Settlement``).
 
 As :class:`~maildefer.smtp.server.Server`: ``serve()`` is the whole run (async), ``run()``
 its synchronous entry, and a :class:`~maildefer.ops.lifecycle.Lifecycle` handles signals,
@@ -22,8 +22,8 @@ signal exits at once (status 1): as a process killed outright, it leaves its cla
 
 Every message gets one canonical log line, ``event="message"``, with ``queue``,
 ``key``, ``attempt`` (bound as context for anything the handlers log), ``handlers``,
-``outcome`` (``ok``, ``retry``, ``buried`` or ``released``), ``duration_ms`` and
-``latency_ms`` (from entering the queue to the handler's start).
+``outcome`` (``ok``, ``retry``, ``buried`` or ``released``; ``reason`` beside ``buried``),
+``duration_ms`` and ``latency_ms`` (from entering the queue to the handler's start).
 
 Example:
     >>> import asyncio, tempfile
@@ -48,9 +48,8 @@ import asyncio
 import os
 import sys
 import time
-import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -64,7 +63,7 @@ from maildefer.mail import MailRequest
 from maildefer.ops.lifecycle import Lifecycle
 from maildefer.ops.systemd import Notifier
 from maildefer.queue import QueueBackend
-from maildefer.queue.backend import Claim
+from maildefer.queue.backend import ACKED, RELEASED, Claim, Settlement
 from maildefer.queue.config import QueueRegistry
 from maildefer.settings import MetricsSettings
 
@@ -117,6 +116,8 @@ class Worker:
         notifier: the service manager to tell about readiness, status and shutdown
             (``sd_notify``); nothing is sent without one.
         name: the queue's name in metrics and status lines; its URL by default.
+        lifespan: entered by :meth:`serve` before recovery and any claim, left after the
+            drain: the handler modules' hooks, ``Router(...).lifespan(settings)``.
 
     Attributes:
         ready: set once the worker is live: a maildir queue's watcher is armed and the
@@ -148,6 +149,7 @@ class Worker:
         metrics_endpoint: MetricsSettings | None = None,
         notifier: Notifier | None = None,
         name: str | None = None,
+        lifespan: AbstractAsyncContextManager[object] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency = {concurrency}: expected at least 1")
@@ -162,6 +164,7 @@ class Worker:
         self.metrics = metrics
         self.metrics_endpoint = metrics_endpoint
         self.name = name or backend.url
+        self.lifespan = lifespan
         self._instruments = None if metrics is None else metrics.instruments("worker", self.name)
         self.ready = asyncio.Event()
         self.stats = WorkerStats()
@@ -237,13 +240,15 @@ class Worker:
     async def serve(self) -> WorkerStats:
         """Run until :meth:`request_shutdown` or a signal (a burst: until drained).
 
-        Handles SIGTERM/SIGINT (in the main thread), serves the metrics endpoint if set,
-        says ``READY=1`` once live (never if it fails first), closes the registry at the end.
+        Handles SIGTERM/SIGINT (in the main thread), enters ``lifespan``, serves the metrics
+        endpoint if set, says ``READY=1`` once live (never if it fails first); at the end
+        (after the drain) leaves ``lifespan`` and closes the registry.
 
         Returns:
             The counts, also logged as the ``worker_stopped`` summary line.
 
         Raises:
+            LifespanError: a lifespan's startup raised (logged; nothing claimed, no READY=1).
             OSError: the metrics endpoint cannot be bound.
 
         Example:
@@ -265,7 +270,13 @@ class Worker:
         async with self._lifecycle:
             work: asyncio.Task[WorkerStats] | None = None
             live: asyncio.Task[object] | None = None
+            entered: AbstractAsyncContextManager[object] = nullcontext()
             try:
+                if self.lifespan is not None:
+                    # Before recovery and any claim; a lifespan's Queue(...) shares our backends.
+                    with self.registry.active() if self.registry else nullcontext():
+                        await self.lifespan.__aenter__()
+                    entered = self.lifespan
                 if self.metrics is not None and self.metrics_endpoint is not None:
                     await self.metrics.start_endpoint(self.metrics_endpoint, self._log)
                 work = loop.create_task(self._work())
@@ -277,11 +288,12 @@ class Worker:
                 return await work
             finally:
                 if live is not None:
-                    await _cancel(live)
+                    await loops.cancel_and_wait(live)
                 if work is not None:
-                    await _cancel(work)  # serve() itself was cancelled
+                    await loops.cancel_and_wait(work)  # serve() itself was cancelled
                 # A burst that finished, or a failure: STOPPING=1 all the same (once).
                 self._lifecycle.announce_stopping(self.status_line())
+                await entered.__aexit__(None, None, None)  # after the drain: no handler runs
                 if self.metrics is not None:
                     await self.metrics.stop_http()
                 if self.registry is not None:
@@ -323,25 +335,25 @@ class Worker:
             expiry = loop.create_task(self._expire_overdue())
             try:
                 await asyncio.wait([pull, stop], return_when=asyncio.FIRST_COMPLETED)
-                if pull.done() and _failure(pull) is None:
+                if pull.done() and loops.task_failure(pull) is None:
                     # Burst mode, drained: wait for the last handlers (or a stop).
                     while self._running and not self.stopping:
                         await asyncio.wait(
                             [*self._running, stop], return_when=asyncio.FIRST_COMPLETED
                         )
-                await _cancel(pull)
+                await loops.cancel_and_wait(pull)
                 await self._drain()
             finally:
-                await _cancel(pull)
-                await _cancel(stop)
+                await loops.cancel_and_wait(pull)
+                await loops.cancel_and_wait(stop)
                 if heartbeat is not None:
-                    await _cancel(heartbeat)
+                    await loops.cancel_and_wait(heartbeat)
                 await self._drain(grace=0.0)
-                await _cancel(expiry)
+                await loops.cancel_and_wait(expiry)
                 await self._release_waiting()
-                await _aclose(claims)
+                await loops.aclose(claims)
                 self._log.info("worker_stopped", **asdict(self.stats))
-        failure = _failure(pull)
+        failure = loops.task_failure(pull)
         if failure is not None:
             raise failure  # the queue itself failed (a listing, a watcher that cannot start)
         return self.stats
@@ -453,6 +465,9 @@ class Worker:
         bind_contextvars(key=claim.key, attempt=attempt)
         started = time.time()
         queued_at = claim.queued_at
+        message = claim.message
+        # The claim as handlers see it (contract §3); for_recipient copies carry it too.
+        message.key, message.attempt, message.queued_at = claim.key, attempt, queued_at
         latency = None if queued_at is None else (started - queued_at) * 1000
         t0 = time.perf_counter()
         instruments = self._instruments
@@ -462,13 +477,13 @@ class Worker:
             instruments.picked_up(queued_at, started)
         try:
             if instruments is None:
-                await self.deliver(claim.message)
+                await self.deliver(message)
             else:
                 # The children themselves, not instruments.handling(): a context manager
                 # per message is measurable on a no-op drain.
                 instruments.in_flight.inc()
                 try:
-                    await self.deliver(claim.message)
+                    await self.deliver(message)
                 finally:
                     instruments.in_flight.dec()
                     instruments.seconds.observe(time.perf_counter() - t0)
@@ -478,26 +493,25 @@ class Worker:
         # Before any other await (the ack, the retry), so the timer task cannot cancel those.
         timed_out = self._handler_ended(claim)
         if failure is None:
-            outcome, error = "ok", None
+            settlement = ACKED
         elif isinstance(failure, asyncio.CancelledError) and not timed_out:
             # Only the shutdown cancels a handler otherwise (past the grace period).
-            await asyncio.shield(self._finish(claim, "released", None))
-            self._line("released", t0, latency, None)
+            await asyncio.shield(self._finish(claim, RELEASED))
+            self._line("released", t0, latency, RELEASED)
             raise failure
-        elif isinstance(failure, NoRouteError):
-            outcome, error = "buried", _error_text(failure)
-        elif timed_out:
+        elif timed_out and not isinstance(failure, NoRouteError):
             # Cancelled at its deadline (or the handler turned that into another error).
-            outcome, error = "retry", f"handler timed out after {self.handler_timeout:g} s"
-        else:
-            outcome, error = "retry", _error_text(failure)
+            settlement = Settlement("retry", f"handler timed out after {self.handler_timeout:g} s")
+        else:  # Retry, SMTPError, no route, a crash: contract §3
+            settlement = Settlement.of_failure(failure)
         del failure  # its traceback holds this frame: no cycle left for the GC per failure
-        outcome = await self._finish(claim, outcome, error)
-        self._line(outcome, t0, latency, error)
+        outcome = await self._finish(claim, settlement)
+        self._line(outcome, t0, latency, settlement)
 
-    async def _finish(self, claim: Claim, outcome: str, error: str | None) -> str:
+    async def _finish(self, claim: Claim, settlement: Settlement) -> str:
         """Ack, retry, bury or release a claim; returns the outcome that happened."""
         stats = self.stats
+        outcome = settlement.outcome
         try:
             if outcome == "ok":
                 await self.backend.ack(claim)
@@ -507,13 +521,15 @@ class Worker:
                 stats.released += 1
             elif outcome == "buried":
                 stats.failed += 1
-                await self.backend.bury(claim, error or "", "failed")
+                await self.backend.bury(claim, settlement.error or "", settlement.reason)
                 stats.buried += 1
                 if self.metrics is not None:
-                    self.metrics.buried(self.name, "failed")
+                    self.metrics.buried(self.name, settlement.reason)
             else:
                 stats.failed += 1
-                if await self.backend.retry(claim, error or ""):
+                # The delay only when asked: a backend written for 0.1 takes (claim, error).
+                retry, delay, error = self.backend.retry, settlement.delay, settlement.error or ""
+                if await (retry(claim, error) if delay is None else retry(claim, error, delay)):
                     stats.retried += 1
                     if self.metrics is not None:
                         self.metrics.retried(self.name)
@@ -551,47 +567,24 @@ class Worker:
     async def _release_waiting(self) -> None:
         """At shutdown: give back at once the claims still waiting out their pause."""
         for task, claim in list(self._releasing.items()):
-            await _cancel(task)
+            await loops.cancel_and_wait(task)
             try:
                 await self.backend.release(claim)
             except Exception as exc:
                 self._log.error("release_failed", error=str(exc))
 
-    def _line(self, outcome: str, t0: float, latency: float | None, error: str | None) -> None:
-        """The canonical log line of one message."""
+    def _line(self, outcome: str, t0: float, latency: float | None, done: Settlement) -> None:
+        """The canonical log line of one message (``reason`` too when it was buried)."""
         fields: dict[str, object] = {
             "handlers": self.handlers,
             "outcome": outcome,
             "duration_ms": round((time.perf_counter() - t0) * 1000, 3),
             "latency_ms": None if latency is None else round(latency, 3),
         }
-        if error is None:
+        if outcome == "buried":
+            fields["reason"] = done.reason
+        if done.error is None:
             self._log.info("message", **fields)
         else:
-            last = error.rstrip().rpartition("\n")[2]
+            last = done.error.rstrip().rpartition("\n")[2]
             self._log.warning("message", error=sanitize(last, 300), **fields)
-
-
-def _error_text(exc: BaseException) -> str:
-    """The error as recorded beside a retried or buried message: traceback included."""
-    return "".join(traceback.format_exception(exc))
-
-
-async def _cancel(task: asyncio.Task[object]) -> None:
-    """Cancel a task and wait until it is done (its outcome is read by the caller)."""
-    if not task.done():
-        task.cancel()
-    await asyncio.wait([task])
-
-
-def _failure(task: asyncio.Task[object]) -> BaseException | None:
-    """The exception a finished task ended with (``None`` if cancelled or fine)."""
-    if not task.done() or task.cancelled():
-        return None
-    return task.exception()
-
-
-async def _aclose(claims: AsyncIterator[Claim]) -> None:
-    aclose = getattr(claims, "aclose", None)
-    if aclose is not None:
-        await aclose()

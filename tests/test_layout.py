@@ -42,6 +42,8 @@ CORE = frozenset(
         "mail",
         "state",
         "routing",
+        "routes",
+        "lifespan",
         "relay",
         "view",  # planned (0.2): handlers read it, so it is core
         "testing",

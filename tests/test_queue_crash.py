@@ -1,4 +1,8 @@
-"""Crash tests with real processes: SIGKILL a pusher or a claimer at random moments (R1, R3)."""
+"""Crash tests with real processes: SIGKILL a pusher or a claimer at random moments (R1, R3).
+
+The pusher is killed both in ``await push`` (the writer threads) and in ``push_sync``
+(the calling thread writes).
+"""
 
 from __future__ import annotations
 
@@ -77,14 +81,17 @@ def zygote() -> Iterator[Zygote]:
     z.close()
 
 
-def test_sigkilled_pusher_loses_nothing_it_returned(tmp_path: Path, zygote: Zygote) -> None:
+@pytest.mark.parametrize("push", ["push", "push_sync"])
+def test_sigkilled_pusher_loses_nothing_it_returned(
+    tmp_path: Path, zygote: Zygote, push: str
+) -> None:
     rng = random.Random(20240611)
     q = MaildirQueue(tmp_path / "q")
     q.ensure()
     promised: dict[str, str] = {}
     killed_mid_write = 0
     for round_ in range(50):
-        zygote.send(f"push {q.path} {round_}")
+        zygote.send(f"{push} {q.path} {round_}")
         pid = int(zygote.until("pid ", []).split()[1])
         time.sleep(rng.uniform(0, 0.2))
         os.kill(pid, signal.SIGKILL)

@@ -115,7 +115,7 @@ def test_the_member_list_is_the_protocols() -> None:
     expected = {
         "url", "push", "count", "keys", "get", "remove", "pop", "clear", "consume",
         "claims", "lease_renewal", "renew", "ack", "retry", "bury", "release", "recover",
-        "close",
+        "close", "push_sync", "close_sync",
     }  # fmt: skip
     assert set(MEMBERS) == expected
 
@@ -148,7 +148,9 @@ class _Drifted:
     def renew(self, claims: Sequence[Claim]) -> None:  # not async
         raise NotImplementedError
 
-    async def retry(self, claim: Claim, error: str, delay: float) -> bool:  # extra, no default
+    async def retry(  # an extra parameter without a default
+        self, claim: Claim, error: str, delay: float | None = None, *, urgent: bool
+    ) -> bool:
         raise NotImplementedError
 
     async def recover(self) -> int:  # the wrong return type
@@ -164,7 +166,7 @@ class _Drifted:
         ("claims", "no parameter 'ready'"),
         ("lease_renewal", "is not a property"),
         ("renew", "async in one and not the other"),
-        ("retry", "extra parameter 'delay' without a default"),
+        ("retry", "extra parameter 'urgent' without a default"),
         ("recover", f"not {RecoveryReport}"),
         ("bury", "parameter 'reason' is keyword-only"),
         ("close", "missing"),

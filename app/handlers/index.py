@@ -37,12 +37,10 @@ def _append(path: Path, line: str) -> None:
 @stateless
 async def START(message: MailRequest, post_name: str, host: str) -> None:
     """Index one post."""
-    # The worker binds the queue key to the log context of the message it handles.
-    key = structlog.contextvars.get_contextvars().get("key") or message["Message-ID"]
+    # In a worker, message.key is the key push returned (None when run outside one).
+    key = message.key or message["Message-ID"]
     structlog.get_logger("app.index").info(
         "Got message from", sender=message.mail_from, post_name=post_name, host=host
     )
-    line = "\t".join(
-        (_field(str(key) if key else None), _field(message.mail_from), _field(message["Subject"]))
-    )
+    line = "\t".join((_field(key), _field(message.mail_from), _field(message["Subject"])))
     await asyncio.to_thread(_append, INDEX_FILE, line + "\n")

@@ -14,7 +14,9 @@ serving, and ``STOPPING=1`` as soon as shutdown begins. Messages are counted for
 Prometheus; ``[metrics] port`` serves the counts (off by default).
 
 Exit status: 0 after SIGTERM/SIGINT; 2 for bad settings or a handler module that does not
-load (one line on stderr, nothing bound); 1 when the address cannot be bound (logged).
+load (one line on stderr, nothing bound); 1 when the address cannot be bound or a handler
+module's ``lifespan`` raises at startup (one line logged, ``bind_failed`` or
+``lifespan_failed``; nothing bound, no ``READY=1``).
 
 Example:
     >>> p = argparse.ArgumentParser(); add_arguments(p)
@@ -30,6 +32,7 @@ import structlog
 
 from maildefer.cli import enter_project
 from maildefer.cli.options import add_loop_argument, with_loop, with_overrides
+from maildefer.errors import LifespanError
 from maildefer.ops.metrics import Metrics
 from maildefer.ops.systemd import Notifier, listen_fds
 from maildefer.settings import Settings
@@ -50,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT; 1 if the address cannot be bound.
+    """Serve until SIGTERM or SIGINT; 1 if the address cannot be bound or a lifespan fails.
 
     Example:
         >>> ns = argparse.Namespace(host=None, port=70000, loop=None)
@@ -70,6 +73,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     try:
         server.run()
+    except LifespanError:
+        return 1  # lifespan_failed is already logged, the one line a failed start leaves
     except OSError as exc:
         structlog.get_logger("maildefer.server").error(
             "bind_failed",

@@ -7,9 +7,10 @@ queue's ``[queues.NAME] handlers``. ``--concurrency`` overrides the queue's
 
 Exit status: 0 after a clean shutdown (SIGTERM or SIGINT) or a finished burst; 2 for bad
 usage or settings (one line on stderr: an unknown queue option, no handlers, a handler
-module that does not import); 1 for a failure at run time, logged. A second SIGTERM or
-SIGINT exits at once with status 1; the claims it held are returned by the next
-worker's recovery.
+module that does not import); 1 for a failure at run time, logged (a handler module's
+``lifespan`` that raises at startup: one ``lifespan_failed`` line, nothing claimed). A
+second SIGTERM or SIGINT exits at once with status 1; the claims it held are returned by
+the next worker's recovery.
 
 Under systemd (``Type=notify``) the worker reports ``READY=1`` once it is live (a maildir
 queue's watcher armed and its first scan batch in, so a message landing afterwards is
@@ -34,7 +35,7 @@ import structlog
 
 from maildefer.cli import enter_project
 from maildefer.cli.options import add_loop_argument
-from maildefer.errors import ConfigError, MaildeferError, RoutingError
+from maildefer.errors import ConfigError, LifespanError, MaildeferError, RoutingError
 from maildefer.ops.systemd import Notifier
 from maildefer.queue.config import QueueRegistry, queue_options, resolve_queue
 from maildefer.queue.maildir import MaildirQueue
@@ -124,9 +125,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         metrics_endpoint=settings.metrics,
         notifier=Notifier.from_environ(unset=True),
         name=name,
+        # The queue's handler modules' lifespan hooks: the same ones serve runs for its own.
+        lifespan=router.lifespan(settings),
     )
     try:
         worker.run(settings.runtime.loop if args.loop is None else args.loop)
+    except LifespanError:
+        return 1  # lifespan_failed is already logged, the one line a failed start leaves
     except MaildeferError:
         raise
     except Exception:

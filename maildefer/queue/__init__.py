@@ -6,7 +6,9 @@ create queues freely (``await Queue("run/posts").push(message)``); inside ``serv
 ``worker`` a :class:`~maildefer.queue.config.QueueRegistry` is active, and every
 ``Queue`` for the same place shares one backend, so concurrent pushes share their
 directory fsync (group commit) and the worker's options (retries, undeliverable path)
-apply.
+apply. Synchronous code (a Django or Flask view, a script, any thread) pushes with
+:meth:`Queue.push_sync`. A ``Queue`` is cheap and holds nothing for long (a web app may
+make one per request); ``close()`` or a ``with`` block releases it at once.
 
 This package exports what an application author and a backend author use: :class:`Queue`,
 and the :class:`QueueBackend` protocol with the types it speaks in. Settings adapters
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from types import TracebackType
 
 from maildefer.mail import MailRequest
 from maildefer.queue.backend import (
@@ -53,6 +56,15 @@ __all__ = [
 class Queue:
     """A queue of messages, on disk (a maildir path) or on a broker (a URL).
 
+    Cheap to make and leak-free: a maildir queue's writer threads end when the ``Queue``
+    is dropped, or a second after its last push (``push_sync`` starts none); an amqp
+    queue's ``push_sync`` connection a second after its last one. ``await q.close()``,
+    ``async with Queue(...)`` and ``with Queue(...)`` (synchronous code) release them at
+    once. Inside ``serve``/``worker`` the process's
+    :class:`~maildefer.queue.config.QueueRegistry` owns the backend, shared by every
+    ``Queue`` of that place: closing one of them (a handler's ``async with``) leaves
+    it open for the others; the registry closes it at shutdown.
+
     Args:
         ref: a maildir path (relative to the working directory) or a URL.
 
@@ -66,9 +78,34 @@ class Queue:
 
     def __init__(self, ref: str | os.PathLike[str]) -> None:
         registry = active_registry()
+        # A registry's backend is the registry's to close; one opened here is ours.
+        self._owned = registry is None
         self.backend: QueueBackend = (
             registry.get(ref) if registry is not None else open_backend(ref)
         )
+
+    async def __aenter__(self) -> Queue:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._owned:
+            self.backend.close_sync()
 
     @property
     def url(self) -> str:
@@ -93,6 +130,32 @@ class Queue:
             'kept'
         """
         return await self.backend.push(message)
+
+    def push_sync(self, message: Pushable) -> str:
+        """:meth:`push` for synchronous code and any thread: durable when it returns.
+
+        For a Django or Flask view, a script, a thread of a pool: no event loop needed.
+        It accepts what :meth:`push` accepts and returns the key once the message would
+        survive a crash (maildir: the file and its ``new/`` entry fsync'd, written by the
+        calling thread; amqp: the broker's publisher confirm).
+
+        Called from a running event loop's thread (an ``async def`` handler, a FastAPI
+        endpoint) it raises :class:`RuntimeError` rather than stall every task of that
+        loop for the whole write: there, ``await q.push(message)``.
+
+        Raises:
+            QueueError: the message is not stored (ENOSPC, EIO, broker down); nothing of
+                it is left in the queue.
+            RuntimeError: called from a running event loop's thread.
+
+        Example:
+            >>> import tempfile
+            >>> with Queue(tempfile.mkdtemp()) as q:
+            ...     key = q.push_sync(b"Subject: from a view\\n\\n")
+            ...     q.backend.claim_sync(key).message["Subject"]
+            'from a view'
+        """
+        return self.backend.push_sync(message)
 
     async def count(self) -> int:
         """How many messages are in the queue.
@@ -181,6 +244,26 @@ class Queue:
             (3, 0)
         """
         return await self.backend.clear()
+
+    async def close(self) -> None:
+        """Release the queue now: writer threads ended, files and connections closed.
+
+        A later push opens what it needs again. A ``Queue`` of an active registry (in
+        ``serve``/``worker``) leaves the shared backend open: the registry closes it.
+
+        Example:
+            >>> import asyncio, os, tempfile, threading
+            >>> path = tempfile.mkdtemp()
+            >>> async def demo():
+            ...     async with Queue(path) as q:
+            ...         await q.push(b"Subject: x\\n\\n")
+            ...     mine = f"maildefer-writer:{os.path.basename(path)}:"
+            ...     return [t for t in threading.enumerate() if t.name.startswith(mine)]
+            >>> asyncio.run(demo())
+            []
+        """
+        if self._owned:
+            await self.backend.close()
 
     def consume(self) -> AsyncIterator[Claim]:
         """Claims for a worker, waiting for messages (see :class:`QueueBackend`).

@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import email.message
+import traceback
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+from maildefer.errors import NoRouteError, Retry, SMTPError
 from maildefer.mail import MailRequest
 
 Pushable = MailRequest | email.message.Message | bytes
 """What ``Queue.push`` accepts."""
 
-BuryReason = Literal["failed", "poison", "corrupt"]
-"""Why a message left its queue for the undeliverable queue."""
+BuryReason = Literal["failed", "poison", "corrupt", "rejected"]
+"""Why a message left its queue for the undeliverable queue: out of attempts
+(``failed``), it killed its workers (``poison``), it fails its envelope check
+(``corrupt``), or a handler refused it for good with a 5xx ``SMTPError`` (``rejected``)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,64 @@ class Claim:
     handle: object = field(repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How a worker settles a claim once its handlers ended, and why.
+
+    Attributes:
+        outcome: ``ok`` (:meth:`QueueBackend.ack`), ``retry`` (:meth:`~QueueBackend.retry`,
+            which buries at ``max_attempts``), ``buried`` (:meth:`~QueueBackend.bury`) or
+            ``released`` (:meth:`~QueueBackend.release`).
+        error: what to record beside the message (retry and buried).
+        reason: the bury reason (``buried``, or a retry out of attempts: ``failed``).
+        delay: seconds before the retry instead of the backoff (a handler's ``Retry``).
+
+    Example:
+        >>> from maildefer.errors import SMTPError
+        >>> Settlement.of_failure(SMTPError(550, "5.7.1 no"))
+        Settlement(outcome='buried', error='550 5.7.1 no', reason='rejected', delay=None)
+        >>> ACKED.outcome, RELEASED.outcome  # the two without an error, made once
+        ('ok', 'released')
+    """
+
+    outcome: Literal["ok", "retry", "buried", "released"]
+    error: str | None = None
+    reason: BuryReason = "failed"
+    delay: float | None = None
+
+    @classmethod
+    def of_failure(cls, failure: BaseException) -> Settlement:
+        """What a handler's exception makes of its message (contract §3).
+
+        A 5xx :class:`~maildefer.errors.SMTPError` is the handler's "never": buried at
+        once, reason ``rejected``, its reply the error (what ``serve`` would answer).
+        :class:`~maildefer.errors.Retry` is retried after its delay, its words the error
+        (both are decisions, not crashes: no traceback). No route cannot improve: buried.
+        Anything else, a 4xx ``SMTPError`` included, is retried with backoff, the
+        traceback recorded.
+
+        Example:
+            >>> from maildefer.errors import Retry
+            >>> s = Settlement.of_failure(Retry(delay=2))
+            >>> s.outcome, s.delay, s.error
+            ('retry', 2.0, 'retry requested by the handler in 2 s')
+            >>> Settlement.of_failure(ValueError("db down")).error.splitlines()[-1]
+            'ValueError: db down'
+        """
+        if isinstance(failure, SMTPError) and 500 <= failure.code <= 599:
+            return cls("buried", failure.reply, "rejected")
+        if isinstance(failure, Retry):
+            return cls("retry", str(failure), delay=failure.delay)
+        text = "".join(traceback.format_exception(failure))
+        return cls("buried" if isinstance(failure, NoRouteError) else "retry", text)
+
+
+ACKED = Settlement("ok")
+"""The settlement of every message whose handlers returned (shared: none made per message)."""
+RELEASED = Settlement("released")
+"""The settlement of a claim given back unhandled at shutdown."""
+
+
 @dataclass
 class RecoveryReport:
     """What :meth:`QueueBackend.recover` did.
@@ -103,6 +165,37 @@ class RecoveryReport:
     quarantined: int = 0
     tmp_removed: int = 0
     due: int = 0
+
+
+def refuse_running_loop(operation: str) -> None:
+    """Raise if called from the thread of a running event loop.
+
+    A blocking push there would stall every session and task of that loop for the
+    whole write (an fsync of the file and of ``new/``, or a broker round trip).
+
+    Raises:
+        RuntimeError: there is a running event loop in this thread; the message says to
+            ``await`` the async form instead.
+
+    Example:
+        >>> import asyncio
+        >>> refuse_running_loop("push_sync")  # plain synchronous code: fine
+        >>> async def handler():
+        ...     refuse_running_loop("push_sync")
+        >>> asyncio.run(handler())
+        Traceback (most recent call last):
+        ...
+        RuntimeError: push_sync() called from a running event loop's thread: ...
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"{operation}() called from a running event loop's thread: it would block the "
+        "loop for the whole write; use `await queue.push(message)` there (or call "
+        f"{operation}() from another thread, e.g. asyncio.to_thread)"
+    )
 
 
 @runtime_checkable
@@ -155,6 +248,14 @@ class QueueBackend(Protocol):
 
     async def push(self, message: Pushable) -> str:
         """Store a message durably; return its key once it would survive a crash."""
+        ...
+
+    def push_sync(self, message: Pushable) -> str:
+        """:meth:`push` for synchronous code and any thread, no event loop needed.
+
+        Same guarantee (durable when it returns). Called from a running event loop's
+        thread it raises :class:`RuntimeError` (see :func:`refuse_running_loop`).
+        """
         ...
 
     async def count(self) -> int:
@@ -236,11 +337,13 @@ class QueueBackend(Protocol):
         """The handler succeeded: the message leaves the queue."""
         ...
 
-    async def retry(self, claim: Claim, error: str) -> bool:
+    async def retry(self, claim: Claim, error: str, delay: float | None = None) -> bool:
         """The handler failed: count an attempt and retry later, or bury at ``max_attempts``.
 
-        The delay is :meth:`QueueOptions.backoff` of the attempts so far; the claim
-        comes back with ``attempts`` raised by one and ``error`` recorded.
+        The delay is :meth:`QueueOptions.backoff` of the attempts so far, or ``delay``
+        seconds when given (a handler's :class:`~maildefer.errors.Retry`): the message
+        comes back no earlier than that, with ``attempts`` raised by one and ``error``
+        recorded. A requested delay never buries earlier than ``max_attempts``.
 
         Returns:
             ``True`` if it will be retried, ``False`` if it was buried (reason ``"failed"``).
@@ -267,4 +370,12 @@ class QueueBackend(Protocol):
 
     async def close(self) -> None:
         """Release resources (files, connections); unsettled claims come back later."""
+        ...
+
+    def close_sync(self) -> None:
+        """:meth:`close` for synchronous code (``with Queue(...)``): blocks until done.
+
+        Releases what :meth:`push_sync` and the backend's own threads hold; a connection
+        made on an event loop that is gone is only dropped.
+        """
         ...

@@ -9,8 +9,10 @@ Order of things (``docs/architecture.md``):
 
 1. ``start``: build the router (importing the handler modules; a broken one is a bad
    setting: :class:`~maildefer.errors.ConfigError`, exit 2, before any socket is bound),
-   the TLS context, then bind (or adopt sockets passed by systemd). A bind failure
-   raises ``OSError`` (exit 1).
+   the TLS context, start the handler modules' ``lifespan`` hooks
+   (``maildefer/lifespan.py``; one that raises:
+   :class:`~maildefer.errors.LifespanError`, exit 1, nothing bound), then bind (or adopt
+   sockets passed by systemd). A bind failure raises ``OSError`` (exit 1).
 2. A :class:`~maildefer.queue.QueueRegistry` is active in the context the listener was
    created in, so every session and handler task inherits it: handlers'
    ``Queue("run/posts")`` share one backend and its group-committed directory fsync.
@@ -25,8 +27,8 @@ Order of things (``docs/architecture.md``):
    connections are refused), says ``421`` to idle sessions, lets sessions in DATA or in
    their handlers finish within ``grace_period`` (their client gets its 250), closes the
    rest (their handlers are cancelled; pushes are cancellation-safe, and the client,
-   without a reply, retries), closes the queues and logs one summary line. A second
-   signal skips the grace period.
+   without a reply, retries), shuts the lifespans down (reverse order), closes the queues
+   and logs one summary line. A second signal skips the grace period.
 
 Example:
     >>> import asyncio, tempfile
@@ -55,6 +57,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 import structlog
@@ -163,6 +166,7 @@ class Server:
         self._context: contextvars.Context | None = None
         self._activation: contextlib.AbstractContextManager[QueueRegistry] | None = None
         self._state_close: Callable[[], None] | None = None
+        self._lifespan: AbstractAsyncContextManager[object] | None = None
         self._started = 0.0
         self._lifecycle = Lifecycle(
             self.status_line, notifier, on_force=self._abort_sessions, log=log
@@ -218,6 +222,7 @@ class Server:
 
         Raises:
             ConfigError: a handler module or the TLS files cannot be loaded.
+            LifespanError: a handler module's ``lifespan`` raised (logged; nothing bound).
             OSError: the address cannot be bound (in use, not permitted).
         """
         server = self.settings.server
@@ -241,6 +246,16 @@ class Server:
         self._activation = self.registry.active()
         self._context.run(self._activation.__enter__)
         loop = asyncio.get_running_loop()
+        # The lifespans start before anything is bound: one that fails leaves no port that
+        # ever accepted, and READY=1 unsent. Their task starts in the listener's context.
+        lifespan = self._lifespan_of(self.router)
+        if lifespan is not None:
+            try:
+                await loop.create_task(lifespan.__aenter__(), context=self._context)
+            except BaseException:
+                await self._release()
+                raise
+            self._lifespan = lifespan
 
         async def bind() -> list[asyncio.Server]:
             if self._sockets:
@@ -279,6 +294,12 @@ class Server:
             starttls=context is not None,
             loop=loops.running_loop_name(),
         )
+
+    def _lifespan_of(self, router: RecipientRouter) -> AbstractAsyncContextManager[object] | None:
+        """The ``lifespan`` hooks of a router's handler modules (none for other routers)."""
+        from maildefer.routing import Router
+
+        return router.lifespan(self.settings) if isinstance(router, Router) else None
 
     async def _start_metrics(self) -> None:
         """Report every maildir queue's depth; serve the endpoint if a port is set."""
@@ -322,6 +343,8 @@ class Server:
 
         Raises:
             ConfigError: bad handlers or TLS files (nothing was bound).
+            LifespanError: a handler module's ``lifespan`` raised at startup (nothing
+                was bound, no ``READY=1``).
             OSError: the address cannot be bound.
         """
         # The lifecycle is left after the drain: the watchdog pings through it.
@@ -367,7 +390,11 @@ class Server:
         )
 
     async def _release(self) -> None:
-        """Close the metrics endpoint, the queues and the state store; leave the context."""
+        """Shut the lifespans down; close the metrics endpoint, the queues, the state store."""
+        # First: a lifespan's shutdown may still push (the queues are open until below).
+        lifespan, self._lifespan = self._lifespan, None
+        if lifespan is not None:
+            await lifespan.__aexit__(None, None, None)
         if self.metrics is not None:
             await self.metrics.stop_http()
         await self.registry.close()

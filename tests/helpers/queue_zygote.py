@@ -8,6 +8,7 @@ wrote before it was SIGKILLed is in the pipe, and nothing is buffered twice by a
 Commands on stdin, one per line:
     push QUEUE SEED    fork a child that pushes random messages forever, writing
                        ``key <key> <sha256 of the original>`` after each push returns
+    push_sync QUEUE SEED   the same with ``push_sync``, from plain synchronous code
     claim QUEUE FILE   fork a child that claims FILE, writes ``claimed <key>``, then sleeps
     wait PID           reap a child: writes ``reaped <pid>``
 """
@@ -38,9 +39,21 @@ async def push_forever(path: str, seed: int) -> None:
         say(f"key {key} {hashlib.sha256(raw).hexdigest()}")
 
 
+def push_sync_forever(path: str, seed: int) -> None:
+    rng = random.Random(seed)
+    q = MaildirQueue(path)
+    while True:
+        size = rng.choice([200, 4096, 65536, 300_000])
+        raw = b"Subject: crash\r\n\r\n" + rng.randbytes(size)
+        key = q.push_sync(raw)
+        say(f"key {key} {hashlib.sha256(raw).hexdigest()}")
+
+
 def child(command: list[str]) -> None:
     if command[0] == "push":
         asyncio.run(push_forever(command[1], int(command[2])))
+    elif command[0] == "push_sync":
+        push_sync_forever(command[1], int(command[2]))
     elif command[0] == "claim":
         claim = MaildirQueue(command[1]).claim_sync(command[2])
         say(f"claimed {claim.key if claim else '-'}")

@@ -21,7 +21,9 @@ dead-lettering on quorum queues)::
                           per attempt, capped at retry_max_delay). A retried message is
                           published here with a per-message TTL (the base delay times
                           a jitter in [0.8, 1.2]) and dead-lettered back to ``posts``
-                          when it expires.
+                          when it expires. A handler's ``Retry(delay=...)`` goes to the
+                          rung of a ladder of powers of two seconds (1 s ... 2**16 s) at
+                          or above its delay, with that rung as TTL: 17 queues at most
 
 TTLs expire only at the head of a queue; one queue per base delay keeps every message
 within its own jitter band (a later message never waits for one due much later).

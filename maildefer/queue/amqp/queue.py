@@ -14,17 +14,19 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, ConsumerTag
 
 from maildefer.errors import ConfigError, CorruptMessageError, QueueError
 from maildefer.mail import MailRequest
-from maildefer.queue.amqp.connection import BROKER_ERRORS, BrokerLink, log
+from maildefer.queue.amqp.connection import BROKER_ERRORS, BrokerLink, SyncLink, log
 from maildefer.queue.amqp.deliveries import (
     Consumer,
     Consumers,
@@ -38,6 +40,7 @@ from maildefer.queue.amqp.topology import (
     H_ATTEMPTS,
     H_BURIED_AT,
     H_ERROR,
+    H_NOT_BEFORE,
     H_QUEUE,
     H_QUEUED_AT,
     H_REASON,
@@ -102,12 +105,17 @@ class AmqpQueue:
             connect_timeout=connect_timeout,
             publish_timeout=publish_timeout,
         )
+        self._sync = SyncLink(self._sync_link)  # push_sync's: a private loop in a thread
         self._names = NameGenerator(host=socket.gethostname())
         self._random = random.Random()
         self._consumers = Consumers()
 
     def __repr__(self) -> str:
         return f"AmqpQueue({self.name!r})"
+
+    def _sync_link(self) -> BrokerLink:
+        """push_sync's link, on a loop of its own: the same broker, its own topology object."""
+        return self._link.twin(Topology(self.name, self.dead_name, self.options).declare)
 
     @property
     def connect_timeout(self) -> float:
@@ -181,11 +189,40 @@ class AmqpQueue:
             ...     print(str(exc).split(":")[1].strip())
             cannot connect to the broker
         """
-        raw, envelope = message_parts(message)
-        key = self._names.next_key()
-        headers = {H_ATTEMPTS: 0, H_RECOVERIES: 0, H_QUEUED_AT: int(time.time() * 1000)}
-        await self._link.publish(wrap(raw, envelope), self.name, key=key, headers=headers)
+        body, key, headers = self._publication(message)
+        await self._link.publish(body, self.name, key=key, headers=headers)
         return key
+
+    def push_sync(self, message: Pushable) -> str:
+        """:meth:`push` from synchronous code or any thread; its key once confirmed.
+
+        Published through a connection of its own, on a private event loop in a thread
+        (:class:`~.connection.SyncLink`), which ends after a second without a push or at
+        :meth:`close`/:meth:`close_sync`. The caller waits at most the connect and
+        publish timeouts.
+
+        Raises:
+            QueueError: the broker is unreachable, refused (nack) or could not route it.
+            RuntimeError: called from a running event loop's thread (``await push``).
+
+        Example:
+            >>> q = AmqpQueue("amqp://nobody:x@127.0.0.1:1/?queue=q", connect_timeout=1)
+            >>> try:
+            ...     q.push_sync(b"\\n")
+            ... except QueueError as exc:
+            ...     print(str(exc).split(":")[1].strip())
+            cannot connect to the broker
+            >>> q.close_sync()
+        """
+        body, key, headers = self._publication(message)
+        self._sync.publish(body, self.name, key=key, headers=headers)
+        return key
+
+    def _publication(self, message: Pushable) -> tuple[bytes, str, dict[str, Any]]:
+        """A new message's body, key and headers."""
+        raw, envelope = message_parts(message)
+        headers = {H_ATTEMPTS: 0, H_RECOVERIES: 0, H_QUEUED_AT: int(time.time() * 1000)}
+        return wrap(raw, envelope), self._names.next_key(), headers
 
     async def count(self) -> int:
         """Messages ready in the queue and its delay queues (not those held by consumers).
@@ -368,6 +405,10 @@ class AmqpQueue:
             error = f"worker died {claim.recoveries} times while handling it; quarantined"
             await self.bury(claim, error, "poison")
             return None
+        due = (message.headers or {}).get(H_NOT_BEFORE)
+        if isinstance(due, int) and due > time.time() * 1000:
+            await self._lap(claim, delivery, due)  # a Retry past the ladder's top
+            return None
         return claim
 
     async def _settle(self, delivery: Delivery, *, requeue: bool | None = None) -> None:
@@ -402,11 +443,14 @@ class AmqpQueue:
         """
         await self._settle(delivery_of(claim))
 
-    async def retry(self, claim: Claim, error: str) -> bool:
+    async def retry(self, claim: Claim, error: str, delay: float | None = None) -> bool:
         """Count a failed attempt: publish a copy to its delay queue, or bury it.
 
-        The copy carries the attempt count and the error; its TTL is the base delay
-        times a jitter in [0.8, 1.2], after which the broker moves it back to the queue.
+        The copy carries the attempt count and the error. Its TTL is the base delay times
+        a jitter in [0.8, 1.2]; or, for a ``delay`` (a handler's ``Retry``), ``delay``
+        rounded UP to the retry ladder's next power of two seconds, whose queue it goes to
+        (:meth:`~.topology.Topology.retry_rung_ms`: 1.5 s waits 2 s; past 18.2 h it takes
+        laps of the top rung). When the TTL is over the broker moves it back to the queue.
 
         Returns:
             ``True`` if the message will be retried, ``False`` if it was buried.
@@ -422,18 +466,38 @@ class AmqpQueue:
             return False
         headers = delivery.copy_headers(attempts)
         headers[H_ERROR] = error[:MAX_ERROR_CHARS]
-        base = self.base_delay_ms(attempts - 1)
-        delay = self.options.backoff(attempts - 1, jitter=self._random.uniform(0.8, 1.2))
-        if base <= 0 or delay <= 0:
-            target, expiration = self.name, None
+        if delay is None:
+            base = self.base_delay_ms(attempts - 1)
+            wait = self.options.backoff(attempts - 1, jitter=self._random.uniform(0.8, 1.2))
         else:
-            target, expiration = await self._topology.delay_queue(self._link, base), delay
-        body = delivery.message.body
-        await self._link.publish(
-            body, target, key=claim.key, headers=headers, expiration=expiration
-        )
+            # The rung's own TTL, no jitter: one TTL per rung queue, so none waits behind
+            # a message due later (TTLs expire at the head only).
+            base = self._topology.retry_rung_ms(delay) if delay > 0 else 0
+            wait = base / 1000
+            if delay > wait:
+                headers[H_NOT_BEFORE] = math.ceil((time.time() + delay) * 1000)
+        await self._delay(delivery.message.body, claim.key, headers, base, wait)
         await self._settle(delivery)
         return True
+
+    async def _delay(
+        self, body: bytes, key: str, headers: dict[str, Any], base_ms: int, wait: float
+    ) -> None:
+        """Publish a copy to the delay queue ``base_ms`` with TTL ``wait`` (or back at once)."""
+        if base_ms <= 0 or wait <= 0:
+            target, expiration = self.name, None
+        else:
+            target, expiration = await self._topology.delay_queue(self._link, base_ms), wait
+        await self._link.publish(body, target, key=key, headers=headers, expiration=expiration)
+
+    async def _lap(self, claim: Claim, delivery: Delivery, due_ms: int) -> None:
+        """Another lap of the retry ladder for a ``Retry`` not due yet: no attempt counted."""
+        stored = delivery.message.headers or {}
+        headers = delivery.copy_headers(claim.attempts)
+        headers.update({H_NOT_BEFORE: due_ms, H_ERROR: stored.get(H_ERROR, "")})
+        rung = self._topology.retry_rung_ms(due_ms / 1000 - time.time())
+        await self._delay(delivery.message.body, claim.key, headers, rung, rung / 1000)
+        await self._settle(delivery)
 
     async def bury(self, claim: Claim, error: str, reason: BuryReason) -> None:
         """Publish the message to the undeliverable queue with its error, then ack it.
@@ -492,7 +556,19 @@ class AmqpQueue:
         return RecoveryReport()
 
     async def close(self) -> None:
-        """Close the connection (unacked messages go back to the queue on the broker)."""
+        """Close the connections (unacked messages go back to the queue on the broker)."""
         self._topology.forget()
         self._consumers.forget()
         await self._link.close()
+        if self._sync.running:
+            await asyncio.to_thread(self._sync.close)
+
+    def close_sync(self) -> None:
+        """:meth:`close` for synchronous code: closes :meth:`push_sync`'s connection.
+
+        Example:
+            >>> q = AmqpQueue("amqp://h/?queue=q"); q.close_sync()
+        """
+        self._sync.close()
+        self._topology.forget()
+        self._consumers.forget()

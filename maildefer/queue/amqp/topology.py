@@ -2,8 +2,9 @@
 
 One maildefer queue is three kinds of quorum queue on the broker (see
 :mod:`maildefer.queue.amqp`): the queue, its undeliverable queue, and one delay queue per
-base retry delay. :class:`Topology` names them and declares them; the ``H_*`` constants
-are the headers a message carries its counts in.
+base retry delay (and per rung of the ladder a handler's ``Retry`` rounds up to).
+:class:`Topology` names them and declares them; the ``H_*`` constants are the headers a
+message carries its counts in.
 
 Example:
     >>> t = Topology("posts", "posts.undeliverable", QueueOptions(max_recoveries=3))
@@ -32,11 +33,18 @@ H_ERROR = "x-maildefer-error"
 H_REASON = "x-maildefer-reason"
 H_QUEUE = "x-maildefer-queue"
 H_BURIED_AT = "x-maildefer-buried-at"
+H_NOT_BEFORE = "x-maildefer-not-before-ms"
+"""Integer ms: a handler's ``Retry`` longer than the ladder's top comes back no sooner."""
 H_DELIVERY_COUNT = "x-delivery-count"
 """The broker's count of returns of this copy to a quorum queue (consumer deaths)."""
 
 MAX_ERROR_CHARS = 16_000
 """A header must fit one AMQP frame (128 KiB): a long traceback is cut to this."""
+
+RETRY_LADDER_MS: tuple[int, ...] = tuple(1000 << n for n in range(17))
+"""The delay queues a handler's ``Retry(delay=...)`` may use: 1 s, 2 s, 4 s ... 2**16 s
+(18.2 h), 17 queues at most whatever delays handlers ask for (see
+:meth:`Topology.retry_rung_ms`)."""
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -132,6 +140,24 @@ class Topology:
         bases = {self.base_delay_ms(n) for n in range(max(0, self.options.max_attempts - 1))}
         return sorted(b for b in bases if b > 0)
 
+    def retry_rung_ms(self, delay: float) -> int:
+        """The delay queue (ms) for a handler's ``Retry(delay)``: the ladder rung above it.
+
+        Rounded UP to the smallest power of two seconds at least ``delay``
+        (:data:`RETRY_LADDER_MS`: 1.5 s waits 2 s, 3 s waits 4 s, 0.2 s waits 1 s), so
+        the message comes back after at least the delay and under twice it (1 s at
+        least). Each rung queue holds messages of one TTL, so none waits behind a later
+        one. A delay past the top (18.2 h) returns the top: the retry then takes laps of
+        it until its ``x-maildefer-not-before-ms`` (:class:`~.queue.AmqpQueue`).
+
+        Example:
+            >>> t = Topology("q", "d", QueueOptions())
+            >>> [t.retry_rung_ms(d) for d in (0.2, 1.5, 2, 3, 86400)]
+            [1000, 2000, 2000, 4000, 65536000]
+        """
+        wanted = delay * 1000
+        return next((rung for rung in RETRY_LADDER_MS if rung >= wanted), RETRY_LADDER_MS[-1])
+
     def ready_queues(self) -> list[str]:
         """The queue and the delay queues known to exist: where its messages wait.
 
@@ -192,7 +218,10 @@ class Topology:
         Raises:
             QueueError: the broker refused a declaration or failed.
         """
-        candidates = [self.delay_name(b) for b in self.delay_bases()]
+        # The retry ladder too: a Retry's queue of an earlier run holds messages that
+        # count() and clear() must see.
+        bases = {*self.delay_bases(), *RETRY_LADDER_MS}
+        candidates = [self.delay_name(b) for b in sorted(bases)]
         existing = await ready_counts(
             connection, [self.dead_name, self.name, *candidates], label=self.name
         )

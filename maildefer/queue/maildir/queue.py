@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import os
 import random
 import shutil
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -129,6 +131,8 @@ class MaildirQueue(MaildirStore):
         self._writer = MaildirWriter(
             self.path, self._names, self.url, sync=_sync_mode(self.options, self.url)
         )
+        # A queue dropped (a Queue made per request) ends its writer threads at once.
+        weakref.finalize(self, self._writer.release)
         self._owner_cache: tuple[int, str] | None = None
 
     def _owner(self) -> str:
@@ -161,6 +165,26 @@ class MaildirQueue(MaildirStore):
         # The queue's writer thread writes and fsyncs each file and shares one new/
         # fsync across every push waiting with it (group commit; see writer.py).
         return await self._writer.write(data)
+
+    def push_sync(self, message: Pushable) -> str:
+        """:meth:`push` from synchronous code or any thread, in that thread; durable.
+
+        Raises:
+            QueueError: the write failed (ENOSPC, EIO, permissions); nothing is left in
+                ``new/`` or ``tmp/``.
+            RuntimeError: called from a running event loop's thread (``await push``).
+
+        Example:
+            >>> import tempfile
+            >>> q = MaildirQueue(tempfile.mkdtemp())
+            >>> key = q.push_sync(b"Subject: from a script\\n\\n")
+            >>> q.claim_sync(key).message["Subject"]
+            'from a script'
+        """
+        raw, envelope = message_parts(message)
+        data = wrap(raw, envelope)
+        self.ensure()
+        return self._writer.write_blocking(data)
 
     def claim_sync(self, filename: str) -> Claim | None:
         """Claim one file of ``new/`` by renaming it into ``cur/``; blocking.
@@ -339,36 +363,46 @@ class MaildirQueue(MaildirStore):
             except FileNotFoundError:
                 continue
 
-    async def retry(self, claim: Claim, error: str) -> bool:
+    async def retry(self, claim: Claim, error: str, delay: float | None = None) -> bool:
         """Count a failed attempt: back off and retry, or bury after ``max_attempts``.
+
+        Args:
+            claim: the claim whose handlers failed.
+            error: what failed, recorded in ``errors/`` (and in the bury's record).
+            delay: seconds before the retry instead of the backoff (a handler's
+                ``Retry``); the message waits in ``later/`` until then, or goes back to
+                ``new/`` at once for 0.
 
         Returns:
             ``True`` if the message will be retried, ``False`` if it was buried.
 
         Example:
             >>> import asyncio, tempfile
-            >>> q = MaildirQueue(tempfile.mkdtemp(), options=QueueOptions(max_attempts=1))
+            >>> q = MaildirQueue(tempfile.mkdtemp(), options=QueueOptions(max_attempts=2))
             >>> async def demo():
-            ...     return await q.retry(await q.claim(await q.push(b"\\n")), "boom")
+            ...     first = await q.retry(await q.claim(await q.push(b"\\n")), "boom", delay=60)
+            ...     return first, q.promote_due(), q.promote_due(now=time.time() + 61)[0]
             >>> asyncio.run(demo())
-            False
+            (True, (0, ...), 1)
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.retry_sync, claim, error)
+        return await loop.run_in_executor(None, self.retry_sync, claim, error, delay)
 
-    def retry_sync(self, claim: Claim, error: str) -> bool:
+    def retry_sync(self, claim: Claim, error: str, delay: float | None = None) -> bool:
         """Blocking form of :meth:`retry`."""
         name, path = self._claim_path(claim)
         attempts = name.attempts + 1
         if attempts >= self.options.max_attempts:
             self._bury_sync(name.with_fields(A=attempts), path, error, "failed")
             return False
-        delay = self.options.backoff(attempts - 1, jitter=self._random.uniform(0.8, 1.2))
+        if delay is None:
+            delay = self.options.backoff(attempts - 1, jitter=self._random.uniform(0.8, 1.2))
         self._write_error(self, name.key, error, "retry", attempts, sync=False)
         if delay <= 0:
             os.rename(path, self.path / "new" / name.with_fields(W=None, A=attempts).filename)
         else:
-            due = int((time.time() + delay) * 1000)
+            # Rounded up: a requested delay is a minimum (Retry), never a millisecond short.
+            due = math.ceil((time.time() + delay) * 1000)
             later = name.with_fields(W=None, A=attempts, T=due)
             os.rename(path, self.path / "later" / later.filename)
         return True
@@ -541,3 +575,14 @@ class MaildirQueue(MaildirStore):
             (True, 1)
         """
         await self._writer.close()
+
+    def close_sync(self) -> None:
+        """:meth:`close` for synchronous code: blocks until the writer threads end.
+
+        Example:
+            >>> import asyncio, tempfile; q = MaildirQueue(tempfile.mkdtemp())
+            >>> key = asyncio.run(q.push(b"\\n")); q.close_sync()
+            >>> (q.dir("new") / key).exists()
+            True
+        """
+        self._writer.close_sync()

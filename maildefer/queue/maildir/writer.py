@@ -1,10 +1,11 @@
 """Durable maildir delivery: a few writer threads, and flushes shared by many pushes.
 
 Each queue has a small pool of writer threads (started on demand, at most
-``WRITER_THREADS``) that take pushes from one shared deque and create each file in
-``tmp/`` (``O_EXCL``) in parallel. How the files are made durable is the queue's ``sync``
-mode; both keep docs/reliability.md R1's order (the file's data on disk, then its ``link``
-into ``new/``, then that entry on disk, then the push returns):
+``WRITER_THREADS``, each ending after ``IDLE_SECONDS`` without work) that take pushes
+from one shared deque and create each file in ``tmp/`` (``O_EXCL``) in parallel. How
+the files are made durable is the queue's ``sync`` mode; both keep docs/reliability.md
+R1's order (the file's data on disk, then its ``link`` into ``new/``, then that entry on
+disk, then the push returns):
 
 - ``fsync``: each thread fsyncs its file and links it; the ``new/`` fsync is a group
   commit with no fixed wait: a thread that has linked a file and finds no ``new/`` fsync
@@ -19,7 +20,8 @@ into ``new/``, then that entry on disk, then the push returns):
   per second of ``fsync`` mode on this disk's ext4 without a journal; on a journaled ext4
   the two are within 10 % (docs/benchmarks.md).
 
-Each flush hands its keys back to the event loop with one wake-up.
+Each flush hands its keys back to the event loop with one wake-up. Synchronous code
+pushes with :meth:`MaildirWriter.write_blocking`, in its own thread, in the same order.
 
 A caller cancelled while its message is being written gets nothing back, but the thread
 finishes the write or cleans it up: there is one whole message in ``new/`` or none, never
@@ -44,78 +46,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import functools
 import os
-import sys
 import threading
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal
 
 from maildefer.errors import QueueError
+from maildefer.queue.backend import refuse_running_loop
 from maildefer.queue.keys import NameGenerator
+from maildefer.queue.maildir.handoff import PendingPush, hand_back, joined
+
+# Re-exported: the writer's OS-call seam (tests replace ``writer.sync_filesystem``), and
+# where the rest of the package has always found them.
+from maildefer.queue.maildir.syncfs import sync_filesystem as sync_filesystem
+from maildefer.queue.maildir.syncfs import syncfs_available as syncfs_available
 
 WRITER_THREADS = 4
 """Writer threads per queue at most: enough file fsyncs in flight for ext4 to merge them."""
+
+IDLE_SECONDS = 1.0
+"""How long a writer thread waits for another push before it ends (a push starts one again).
+
+Pushes closer than that keep their thread (a new one costs about 85 µs here). A writer
+whose queue was dropped (:meth:`MaildirWriter.release`) does not wait: issue 13 counted
+21 threads left by 20 ``Queue(path).push`` calls when they never ended.
+"""
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 SyncMode = Literal["fsync", "syncfs"]
 """How a writer makes files durable: an fsync per file, or one ``syncfs`` per batch."""
-
-
-def syncfs_available() -> bool:
-    """Whether ``syncfs(2)`` is there and reports writeback errors (Linux 5.8 and later).
-
-    Before 5.8, ``syncfs`` returned 0 whatever happened to the data, so an I/O error
-    would go unseen: the writer then fsyncs each file instead.
-
-    Example:
-        >>> major, minor = os.uname().release.split(".")[:2]
-        >>> syncfs_available() == (sys.platform == "linux" and (int(major), int(minor)) >= (5, 8))
-        True
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    release = os.uname().release.split(".")
-    try:
-        version = (int(release[0]), int(release[1].split("-")[0]))
-    except (IndexError, ValueError):
-        return False
-    return version >= (5, 8) and _libc_syncfs() is not None
-
-
-@functools.cache
-def _libc_syncfs() -> Callable[[int], int] | None:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).syncfs
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = [ctypes.c_int]
-    function.restype = ctypes.c_int
-    return cast(Callable[[int], int], function)
-
-
-def sync_filesystem(fd: int) -> None:
-    """``syncfs(fd)``: flush every dirty file of the filesystem holding ``fd`` to disk.
-
-    The call releases the GIL (ctypes does) and raises :class:`OSError` for a writeback
-    error on that filesystem since ``fd`` was opened or last reported one.
-
-    Example:
-        >>> import tempfile
-        >>> fd = os.open(tempfile.mkdtemp(), os.O_RDONLY | os.O_DIRECTORY)
-        >>> sync_filesystem(fd) if syncfs_available() else None
-        >>> os.close(fd)
-    """
-    function = _libc_syncfs()
-    if function is None:
-        raise OSError(38, "syncfs is not available")  # ENOSYS
-    if function(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -192,21 +153,6 @@ def replace_file(path: Path, data: bytes, *, sync: bool) -> None:
         raise
 
 
-class _Push:
-    # A plain class with slots: one is made per push, on the event loop.
-    __slots__ = ("data", "error", "future", "key", "loop", "tmp")
-
-    def __init__(
-        self, data: bytes, loop: asyncio.AbstractEventLoop, future: asyncio.Future[str]
-    ) -> None:
-        self.data = data
-        self.loop = loop
-        self.future = future
-        self.key: str | None = None
-        self.tmp: str | None = None  # syncfs mode: written in tmp/, not yet synced
-        self.error: BaseException | None = None
-
-
 class MaildirWriter:
     """Writes messages durably into a maildir's ``new/``, sharing the directory fsync.
 
@@ -215,6 +161,7 @@ class MaildirWriter:
         names: where unique keys come from.
         label: how errors name the queue.
         threads: writer threads at most (started as pushes wait for one).
+        idle: seconds a thread without work waits for a push before it ends.
         sync: ``fsync`` (each file, then ``new/``) or ``syncfs`` (one flush of the
             filesystem per batch of files, then ``new/``; see :func:`sync_filesystem`).
 
@@ -230,26 +177,29 @@ class MaildirWriter:
         label: str = "",
         threads: int = WRITER_THREADS,
         sync: SyncMode = "fsync",
+        idle: float = IDLE_SECONDS,
     ) -> None:
         self.path = path
         self.label = label or str(path)
         self.sync = sync
         self._names = names
         self._max_threads = max(1, threads)
+        self._idle_seconds = idle
         self._sync_fd: int | None = None
         self._tmp = f"{path}/tmp/"
         self._new = f"{path}/new/"
         self._new_dir = f"{path}/new"
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._pending: deque[_Push] = deque()
+        self._pending: deque[PendingPush] = deque()
         # Linked into new/, waiting for a directory fsync that starts after their link.
-        self._linked: list[_Push] = []
+        self._linked: list[PendingPush] = []
         self._syncing = False
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._pid = 0
         self._stopping = False
+        self._released = False
 
     async def write(self, data: bytes) -> str:
         """Store ``data`` as a new message; returns its key once it is durable.
@@ -270,7 +220,7 @@ class MaildirWriter:
             (b'Subject: x\\n\\n', [])
         """
         loop = asyncio.get_running_loop()
-        push = _Push(data, loop, loop.create_future())
+        push = PendingPush(data, loop, loop.create_future())
         pid = os.getpid()
         with self._lock:
             if self._pid != pid:
@@ -301,14 +251,23 @@ class MaildirWriter:
 
     def _run(self) -> None:
         pending = self._pending
+        if self.sync == "syncfs":
+            # Before this thread creates a file: syncfs reports only the writeback errors
+            # met since the fd was opened, and it stays open while any thread lives.
+            with contextlib.suppress(OSError):  # if it fails, the batch's syncfs says so
+                self._open_sync_fd()
         while True:
             with self._lock:
                 while not pending:
-                    if self._stopping:
+                    if self._stopping or self._released:
+                        self._retire()
                         return
                     self._idle += 1
-                    self._wake.wait()
+                    woken = self._wake.wait(self._idle_seconds)
                     self._idle -= 1
+                    if not woken and not pending:
+                        self._retire()  # idle: a later push starts a thread again
+                        return
                 push = pending.popleft()
             if not push.future.done():  # a push cancelled before we began is not written
                 try:
@@ -338,7 +297,7 @@ class MaildirWriter:
         writers' dirty data on the same filesystem; measured for one pusher: 1.04-1.32x
         pushes/s on journaled ext4, 0.94-1.0x on ext4 without a journal.
         """
-        carry: list[_Push] = []  # linked into new/; the entries are not known on disk yet
+        carry: list[PendingPush] = []  # linked into new/; the entries are not known on disk yet
         with contextlib.suppress(OSError):  # if it fails, the batch's syncfs says so
             self._open_sync_fd()  # at the first push, not the first batch: one fd for good
         while True:
@@ -359,11 +318,11 @@ class MaildirWriter:
                 else:
                     self._link_created(created)
                 if carry:
-                    _hand_back(carry)
+                    hand_back(carry)
                 carry = [p for p in batch if p.key is not None]
                 failed = [p for p in batch if p.key is None]
                 if failed:
-                    _hand_back(failed)  # errors, and pushes cancelled before they began
+                    hand_back(failed)  # errors, and pushes cancelled before they began
                 continue
             if created:
                 try:
@@ -379,14 +338,14 @@ class MaildirWriter:
                 except OSError as exc:
                     self._take_back(linked, self._error(exc))
             done, carry = carry + batch, []
-            _hand_back(done)  # every one has its key on disk, or its error
+            hand_back(done)  # every one has its key on disk, or its error
 
-    def _drop_created(self, created: list[_Push], error: QueueError) -> None:
+    def _drop_created(self, created: list[PendingPush], error: QueueError) -> None:
         for push in created:
             unlink_quietly(str(push.tmp))
             push.tmp, push.error = None, error
 
-    def _link_created(self, created: list[_Push]) -> None:
+    def _link_created(self, created: list[PendingPush]) -> None:
         for push in created:
             try:
                 push.key = self._link(str(push.tmp))
@@ -395,18 +354,31 @@ class MaildirWriter:
             push.tmp = None
 
     def _open_sync_fd(self) -> int:
-        if self._sync_fd is None:
-            # Kept open: syncfs reports the writeback errors met since this fd was
-            # opened, so an error the kernel hit between two batches is still seen.
-            self._sync_fd = os.open(
-                self._tmp.rstrip("/"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-            )
-        return self._sync_fd
+        with self._lock:
+            if self._sync_fd is None:
+                # Kept open while threads live: syncfs reports the writeback errors met
+                # since this fd was opened, so an error hit between two batches is seen.
+                self._sync_fd = os.open(
+                    self._tmp.rstrip("/"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                )
+            return self._sync_fd
+
+    def _retire(self) -> None:
+        """With the lock held, a thread about to end: the last one closes the sync fd.
+
+        No file is in flight then (each is written by a live thread), so the next
+        thread's fd, opened before it writes, misses no error of theirs.
+        """
+        with contextlib.suppress(ValueError):  # a forked child forgot the parent's threads
+            self._threads.remove(threading.current_thread())
+        if not self._threads and self._sync_fd is not None:
+            fd, self._sync_fd = self._sync_fd, None
+            os.close(fd)
 
     def _syncfs(self) -> None:
         sync_filesystem(self._open_sync_fd())
 
-    def _take_back(self, linked: list[_Push], error: QueueError) -> None:
+    def _take_back(self, linked: list[PendingPush], error: QueueError) -> None:
         """Fail pushes whose links may not survive a crash, and take the links out.
 
         The sender's retry is then the only copy.
@@ -486,7 +458,7 @@ class MaildirWriter:
                     fsync_dir(self._new_dir)
                 except OSError as exc:
                     self._take_back(written, self._error(exc))
-            _hand_back(batch)
+            hand_back(batch)
 
     def write_sync(self, data: bytes) -> str:
         """Write ``data`` into tmp/, fsync it, link it into new/; blocking; no dir fsync.
@@ -504,14 +476,80 @@ class MaildirWriter:
         """
         return self._link(self._create(data, sync=True))
 
+    def write_blocking(self, data: bytes) -> str:
+        """Store ``data`` durably from synchronous code; its key once it is on disk.
+
+        The calling thread does it all, in :meth:`write`'s order (file fsync'd, linked into
+        ``new/``, ``new/`` fsync'd): no thread or loop is left behind. Concurrent callers
+        each pay their own ``new/`` fsync (the group commit is :meth:`write`'s).
+
+        Raises:
+            QueueError: the write or an fsync failed; nothing of it is left in tmp/ or new/.
+            RuntimeError: called from a running event loop's thread (``await`` write).
+
+        Example:
+            >>> import tempfile
+            >>> d = Path(tempfile.mkdtemp())
+            >>> for sub in ("tmp", "new"): (d / sub).mkdir()
+            >>> key = MaildirWriter(d, NameGenerator(host="h")).write_blocking(b"x")
+            >>> (d / "new" / key).read_bytes(), os.listdir(d / "tmp")
+            (b'x', [])
+        """
+        refuse_running_loop("push_sync")
+        key = self.write_sync(data)
+        try:
+            fsync_dir(self._new_dir)
+        except OSError as exc:
+            # Its entry might not survive a crash: take it out, the caller keeps the message.
+            unlink_quietly(self._new + key)
+            raise self._error(exc) from exc
+        return key
+
+    def release(self) -> None:
+        """Its queue is gone: each thread ends once no push waits, without waiting for more.
+
+        Never blocks, from any thread (a finalizer's); a later push still works.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> d = Path(tempfile.mkdtemp()); (d / "tmp").mkdir(); (d / "new").mkdir()
+            >>> writer = MaildirWriter(d, NameGenerator(host="h"), idle=60)
+            >>> key = asyncio.run(writer.write(b"a"))
+            >>> writer.release()  # MaildirQueue's finalizer, when the queue is dropped
+        """
+        self._released = True  # each thread reads it before it waits again
+        # A finalizer runs wherever the collector does, maybe in a thread holding this
+        # lock: never wait for it (idle threads end after IDLE_SECONDS anyway).
+        if self._lock.acquire(blocking=False):
+            try:
+                self._wake.notify_all()
+            finally:
+                self._lock.release()
+
+    def _stop(self) -> list[threading.Thread]:
+        """Ask the threads to end once the pushes waiting are done; the ones to wait for."""
+        with self._lock:
+            threads = list(self._threads) if self._pid == os.getpid() else []
+            self._stopping = True
+            self._wake.notify_all()
+        return threads
+
+    def _stopped(self) -> None:
+        with self._lock:
+            # Threads started by a push made meanwhile keep running as usual.
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._stopping = False
+            if not self._threads and self._sync_fd is not None:
+                fd, self._sync_fd = self._sync_fd, None
+                os.close(fd)
+
     async def close(self) -> None:
         """Finish the pushes in flight and stop the threads (a later push starts them again).
 
         Example:
             >>> import asyncio, tempfile
-            >>> d = Path(tempfile.mkdtemp())
-            >>> for sub in ("tmp", "new"): (d / sub).mkdir()
-            >>> writer = MaildirWriter(d, NameGenerator(host="h"))
+            >>> d = Path(tempfile.mkdtemp()); (d / "tmp").mkdir(); (d / "new").mkdir()
+            >>> writer = MaildirWriter(d, NameGenerator(host="h"), idle=60)
             >>> async def demo():
             ...     await writer.write(b"a"); await writer.close()
             ...     key = await writer.write(b"b")  # the threads start again
@@ -522,19 +560,26 @@ class MaildirWriter:
             >>> asyncio.run(demo())
             (True, [])
         """
-        with self._lock:
-            threads = list(self._threads) if self._pid == os.getpid() else []
-            self._stopping = True
-            self._wake.notify_all()
-        for thread in threads:
-            await asyncio.to_thread(thread.join)
-        with self._lock:
-            # Threads started by a push made meanwhile keep running as usual.
-            self._threads = [t for t in self._threads if t.is_alive()]
-            self._stopping = False
-            if not self._threads and self._sync_fd is not None:
-                fd, self._sync_fd = self._sync_fd, None
-                os.close(fd)
+        threads = self._stop()
+        if threads:
+            await joined(threads)
+        self._stopped()
+
+    def close_sync(self) -> None:
+        """:meth:`close` for synchronous code: blocks until the threads have ended.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> d = Path(tempfile.mkdtemp()); (d / "tmp").mkdir(); (d / "new").mkdir()
+            >>> writer = MaildirWriter(d, NameGenerator(host="h"), idle=60)
+            >>> key = asyncio.run(writer.write(b"a")); writer.close_sync()
+            >>> mine = f"maildefer-writer:{d.name}:"
+            >>> [t for t in threading.enumerate() if t.name.startswith(mine)]
+            []
+        """
+        for thread in self._stop():
+            thread.join()
+        self._stopped()
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -551,31 +596,3 @@ def write_all(fd: int, data: bytes) -> None:
         view = memoryview(data)[written:]
         while view:
             view = view[os.write(fd, view) :]
-
-
-def _hand_back(batch: list[_Push]) -> None:
-    """Wake each event loop once for all of its pushes in ``batch``."""
-    loop = batch[0].loop
-    if all(push.loop is loop for push in batch):
-        groups = [(loop, batch)]
-    else:
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Push]] = {}
-        for push in batch:
-            by_loop.setdefault(push.loop, []).append(push)
-        groups = list(by_loop.items())
-    for target, pushes in groups:
-        try:
-            target.call_soon_threadsafe(_settle, pushes)
-        except RuntimeError:
-            continue  # that loop is closed: nobody waits for these any more
-
-
-def _settle(pushes: list[_Push]) -> None:
-    """On the event loop: hand each push its key or its error."""
-    for push in pushes:
-        if push.future.done():
-            continue  # the caller was cancelled; the message is whole in new/ or absent
-        if push.error is not None:
-            push.future.set_exception(push.error)
-        else:
-            push.future.set_result(str(push.key))
