@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers.broker import BROKER, broker_up
 from helpers.ops import Notify, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -216,19 +216,8 @@ def test_worker_metrics_endpoint_counts_handled_retried_and_pickup(tmp_path: Pat
         assert worker.proc.wait(timeout=30) == 0
 
 
-BROKER = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-def _broker_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(
-    not _broker_up(), reason="no RabbitMQ on 127.0.0.1:5672 (rabbitmq-server -detached)"
+    not broker_up(), reason="no RabbitMQ on 127.0.0.1:5672 (rabbitmq-server -detached)"
 )
 async def test_worker_on_a_broker_queue_holds_only_as_many_messages_as_it_runs() -> None:
     import aio_pika

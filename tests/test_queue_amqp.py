@@ -6,7 +6,6 @@ Every test uses queues of its own (a uuid in the name) and deletes them afterwar
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from typing import Any
 
 import aio_pika
 import pytest
+from helpers.broker import BROKER, needs_broker
 
 from maildefer.errors import ConfigError, QueueError
 from maildefer.mail import MailRequest
@@ -27,22 +27,8 @@ from maildefer.queue.backend import Claim, QueueBackend
 from maildefer.queue.config import open_backend
 from maildefer.queue.envelope import Envelope, unwrap, wrap
 
-BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-
-def _broker_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-needs_broker = pytest.mark.skipif(
-    not _broker_up(),
-    reason="no RabbitMQ on 127.0.0.1:5672 (start it: rabbitmq-server -detached)",
-)
 
 MakeQueue = Callable[..., AmqpQueue]
 

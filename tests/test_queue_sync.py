@@ -11,7 +11,6 @@ import asyncio
 import errno
 import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -21,6 +20,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from helpers.broker import BROKER, needs_broker
 from helpers.spy_os import SpyOS
 from test_disk_faults import fill, tmpfs
 
@@ -37,7 +37,6 @@ from maildefer.worker import Worker
 
 N = 300
 README = Path(__file__).resolve().parent.parent / "README.md"
-BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def fds() -> int:
@@ -305,19 +304,6 @@ async def test_readme_generic_work_runs(
 
 
 # -- amqp ------------------------------------------------------------------------------------
-
-
-def _broker_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-needs_broker = pytest.mark.skipif(
-    not _broker_up(), reason="no RabbitMQ on 127.0.0.1:5672 (start it: rabbitmq-server -detached)"
-)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import io
 import json
 import random
 import smtplib
-import socket
 import sys
 import time
 import uuid
@@ -25,6 +24,7 @@ from typing import Any
 import aio_pika
 import pytest
 import structlog
+from helpers.broker import BROKER, needs_broker
 from helpers.smtp_server import make_settings, queued, running, write_handlers
 
 from maildefer import MailRequest, Retry, Router, SMTPError, logs
@@ -37,7 +37,6 @@ from maildefer.queue.maildir import MaildirQueue
 from maildefer.worker import Deliver, Worker
 from tests.conftest import RunCli
 
-BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 MESSAGE = b"From: ann@x.org\r\nTo: post@example.com\r\nSubject: s\r\n\r\nbody\r\n"
 SETTINGS = '[queues.posts]\npath = "run/posts"\n\n[undeliverable]\npath = "run/undeliverable"\n'
 
@@ -300,20 +299,6 @@ async def test_in_serve_no_claim_is_seen_and_retry_is_a_temporary_failure(
 
 
 # -- RabbitMQ ----------------------------------------------------------------------------------
-
-
-def _broker_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-needs_broker = pytest.mark.skipif(
-    not _broker_up(),
-    reason="no RabbitMQ on 127.0.0.1:5672 (start it: rabbitmq-server -detached)",
-)
 
 
 def test_the_retry_ladder_is_bounded_and_rounds_up() -> None:
