@@ -19,10 +19,17 @@ Example:
     >>> from maildefer import MailRequest, Router, route, stateless
     >>> MailRequest(b"Subject: hi\\n\\n")["Subject"]
     'hi'
+
+    Replies come from templates (``app/templates``) through ``view`` and ``reply``:
+
+    >>> from maildefer import reply, view
+    >>> reply.subject("Re: my post")
+    'Re: my post'
 """
 
 from __future__ import annotations
 
+from maildefer import reply, view
 from maildefer.errors import Retry, SMTPError
 from maildefer.lifespan import resources
 from maildefer.mail import MailRequest, MailResponse
@@ -36,8 +43,10 @@ __all__ = [
     "Retry",
     "Router",
     "SMTPError",
+    "reply",
     "resources",
     "route",
     "route_like",
     "stateless",
+    "view",
 ]

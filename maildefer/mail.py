@@ -14,14 +14,19 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import email.header
 import email.policy
 import email.utils
+import mimetypes
+import os
 import time
 from dataclasses import dataclass, field, replace
+from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from functools import cached_property
+from pathlib import Path
 
 
 @dataclass(eq=False)
@@ -198,18 +203,28 @@ def addresses_from_headers(message: MailRequest, *names: str) -> list[str]:
 class MailResponse:
     """A message to send: a reply or a notification, built from a few fields.
 
+    Lamson's ``MailResponse``: nothing is encoded until :meth:`to_message` (or
+    :meth:`as_bytes`), so fields and headers can change until then. Non-ASCII header
+    text is RFC 2047-encoded and non-ASCII domains IDNA-encoded, both by the stdlib; an
+    address with a non-ASCII local part makes the message need SMTPUTF8 (RFC 6531, see
+    :attr:`smtputf8`). ``Bcc`` recipients are in :attr:`rcpt_tos` but never in
+    :meth:`as_bytes` (what is queued or sent).
+
     Args:
-        To: recipient address(es), a string or a list.
+        To: recipient address(es), a string (comma-separated) or a list.
         From: sender address.
         Subject: subject line.
         Body: plain text body.
-        Html: optional HTML alternative.
+        Html: optional HTML alternative (then the message is ``multipart/alternative``).
         headers: extra headers.
+        Cc: carbon-copy recipient(s).
+        Bcc: blind-copy recipient(s): in the envelope, never in the stored headers.
 
     Example:
         >>> r = MailResponse(To="a@x.org", From="blog@y.org", Subject="Hi", Body="Thanks")
-        >>> r.to_message()["To"]
-        'a@x.org'
+        >>> r["Reply-To"] = "help@y.org"
+        >>> r.to_message()["To"], r["Reply-To"]
+        ('a@x.org', 'help@y.org')
     """
 
     def __init__(
@@ -220,8 +235,13 @@ class MailResponse:
         Body: str = "",
         Html: str | None = None,
         headers: dict[str, str] | None = None,
+        *,
+        Cc: str | list[str] = "",
+        Bcc: str | list[str] = "",
     ) -> None:
-        self.to = [To] if isinstance(To, str) else list(To)
+        self.to = _listed(To)
+        self.cc = _listed(Cc)
+        self.bcc = _listed(Bcc)
         self.from_ = From
         self.subject = Subject
         self.body = Body
@@ -229,45 +249,199 @@ class MailResponse:
         self.headers = dict(headers or {})
         self.attachments: list[tuple[bytes, str, str]] = []
 
-    def attach(self, data: bytes, filename: str, content_type: str) -> None:
-        """Add an attachment.
+    # -- headers, dict-style (Lamson: msg["Reply-To"] = ...) ------------------------------
+
+    def __getitem__(self, name: str) -> str | None:
+        """A header's value as given (not encoded); ``None`` when not set.
+
+        Example:
+            >>> MailResponse(To=["a@x", "b@x"], Subject="s")["to"]
+            'a@x, b@x'
+        """
+        field = _FIELDS.get(name.lower())
+        if field is not None:
+            value = getattr(self, field)
+            return (", ".join(value) or None) if isinstance(value, list) else (value or None)
+        return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
+
+    def __setitem__(self, name: str, value: str) -> None:
+        """Set a header (``To``, ``Cc``, ``Bcc`` take comma-separated addresses).
+
+        Example:
+            >>> r = MailResponse(From="b@x", To="a@x"); r["Cc"] = "c@x, d@x"; r.rcpt_tos
+            ['a@x', 'c@x', 'd@x']
+        """
+        field = _FIELDS.get(name.lower())
+        if field is not None:
+            setattr(self, field, _listed(value) if field in _LISTS else value)
+            return
+        for key in [k for k in self.headers if k.lower() == name.lower()]:
+            del self.headers[key]
+        self.headers[name] = value
+
+    def __contains__(self, name: object) -> bool:
+        """Whether a header is set.
+
+        Example:
+            >>> "In-Reply-To" in MailResponse(headers={"in-reply-to": "<1@x>"})
+            True
+        """
+        return isinstance(name, str) and self[name] is not None
+
+    # -- the envelope -------------------------------------------------------------------
+
+    @property
+    def mail_from(self) -> str:
+        """The envelope sender: the ``From`` address, its domain IDNA-encoded.
+
+        Example:
+            >>> MailResponse(From="Blog <noreply@bücher.example>").mail_from
+            'noreply@xn--bcher-kva.example'
+        """
+        found = _addresses([self.from_])
+        return found[0].addr_spec if found else ""
+
+    @property
+    def rcpt_tos(self) -> list[str]:
+        """Every envelope recipient: ``To``, ``Cc`` and ``Bcc``, each address once.
+
+        Example:
+            >>> MailResponse(To="A <a@x>, b@x", Cc="b@x", Bcc="c@x").rcpt_tos
+            ['a@x', 'b@x', 'c@x']
+        """
+        seen = dict.fromkeys(a.addr_spec for a in _addresses([*self.to, *self.cc, *self.bcc]))
+        return list(seen)
+
+    @property
+    def smtputf8(self) -> bool:
+        """Whether an address has a non-ASCII local part (it can only go by SMTPUTF8).
+
+        Example:
+            >>> MailResponse(To="josé@x.org").smtputf8, MailResponse(To="a@bücher.de").smtputf8
+            (True, False)
+        """
+        everyone = _addresses([self.from_, *self.to, *self.cc, *self.bcc])
+        return any(not a.username.isascii() for a in everyone)
+
+    # -- building -----------------------------------------------------------------------
+
+    def attach(
+        self,
+        data: bytes | str | os.PathLike[str],
+        filename: str | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        """Add an attachment: bytes, or a file read now (its name the attachment's).
+
+        The content type is guessed from the file name (:mod:`mimetypes`) when not given,
+        ``application/octet-stream`` when it cannot be. The file is read at once, with a
+        plain ``open``: attachments are built off the hot path, and a missing file fails
+        here rather than when the message is sent.
 
         Example:
             >>> r = MailResponse(To="a@x", From="b@x", Body="see file")
-            >>> r.attach(b"1,2", "t.csv", "text/csv")
-            >>> r.to_message().is_multipart()
-            True
+            >>> r.attach(b"1,2", "t.csv")
+            >>> r.attachments[0][1:], r.to_message().get_content_type()
+            (('t.csv', 'text/csv'), 'multipart/mixed')
         """
-        self.attachments.append((data, filename, content_type))
+        if isinstance(data, bytes):
+            payload = data
+        else:
+            path = Path(data)
+            payload = path.read_bytes()
+            filename = path.name if filename is None else filename
+        if content_type is None:
+            guessed, _ = mimetypes.guess_type(filename or "")
+            content_type = guessed or "application/octet-stream"
+        self.attachments.append((payload, filename or "", content_type))
 
     def to_message(self) -> EmailMessage:
-        """The response as a stdlib message, with Date and Message-ID.
+        """The response as a stdlib message, with Date and Message-ID (``Bcc`` kept).
+
+        Date and Message-ID are stamped on the first call and kept, so a message queued
+        and later retried keeps one identity. A relay strips ``Bcc`` when sending.
 
         Example:
-            >>> MailResponse(To="a@x", From="b@x", Subject="s").to_message()["Subject"]
-            's'
+            >>> r = MailResponse(To="a@x", From="b@x", Subject="s", Html="<p>s</p>")
+            >>> m = r.to_message()
+            >>> m["Subject"], m.get_content_type(), m["Message-ID"] == r.to_message()["Message-ID"]
+            ('s', 'multipart/alternative', True)
         """
+        lowered = {k.lower() for k in self.headers}
+        if "date" not in lowered:
+            self.headers["Date"] = email.utils.formatdate(localtime=True)
+        if "message-id" not in lowered:
+            domain = self.mail_from.rpartition("@")[2]
+            self.headers["Message-ID"] = email.utils.make_msgid(domain=domain or None)
         msg = EmailMessage()
-        msg["From"] = self.from_
-        msg["To"] = ", ".join(self.to)
+        msg["From"] = _address_value(self.from_)
+        for name, values in (("To", self.to), ("Cc", self.cc), ("Bcc", self.bcc)):
+            if values:
+                msg[name] = _address_value(", ".join(values))
         msg["Subject"] = self.subject
-        msg["Date"] = email.utils.formatdate(localtime=True)
-        msg["Message-ID"] = email.utils.make_msgid()
         for name, value in self.headers.items():
-            msg[name] = value
+            msg[name] = _address_value(value) if name.lower() in _ADDRESS_HEADERS else value
         msg.set_content(self.body)
         if self.html is not None:
             msg.add_alternative(self.html, subtype="html")
         for data, filename, content_type in self.attachments:
             maintype, _, subtype = content_type.partition("/")
-            msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+            msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename or None)
         return msg
 
     def as_bytes(self) -> bytes:
-        """The response serialized with CRLF line ends, ready for SMTP.
+        """The response serialized with CRLF line ends, ready for SMTP, without ``Bcc``.
+
+        8-bit headers (RFC 6532) only when :attr:`smtputf8`; otherwise 7-bit headers.
 
         Example:
-            >>> MailResponse(To="a@x", From="b@x").as_bytes().startswith(b"From: b@x\\r\\n")
-            True
+            >>> r = MailResponse(To="a@x", From="b@x", Bcc="hidden@x", Subject="Café")
+            >>> data = r.as_bytes()
+            >>> data.startswith(b"From: b@x\\r\\n"), b"hidden" in data, b"=?utf-8?" in data
+            (True, False, True)
         """
-        return self.to_message().as_bytes(policy=email.policy.SMTP)
+        msg = self.to_message()
+        del msg["Bcc"]
+        return msg.as_bytes(policy=email.policy.SMTPUTF8 if self.smtputf8 else email.policy.SMTP)
+
+    def __repr__(self) -> str:
+        return f"<MailResponse from={self.from_!r} to={self.to!r} subject={self.subject!r}>"
+
+
+# MailResponse's own fields, by lower-case header name; the list-valued ones.
+_FIELDS = {"to": "to", "cc": "cc", "bcc": "bcc", "from": "from_", "subject": "subject"}
+_LISTS = frozenset({"to", "cc", "bcc"})
+# Headers whose value is addresses: their domains are IDNA-encoded like From/To's.
+_ADDRESS_HEADERS = frozenset({"reply-to", "sender", "resent-to", "resent-from"})
+
+
+def _listed(value: str | list[str]) -> list[str]:
+    """Addresses given as one string or a list, as a list (``""`` is none)."""
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    return [v for v in value if v.strip()]
+
+
+def _addresses(values: list[str]) -> list[Address]:
+    """The addresses in header values, each domain IDNA-encoded (RFC 5891).
+
+    The stdlib's header folding writes a non-ASCII domain as an RFC 2047 encoded word,
+    which no mail server resolves; IDNA (the stdlib ``idna`` codec) is what DNS takes.
+    """
+    found: list[Address] = []
+    for name, addr in email.utils.getaddresses([v for v in values if v]):
+        local, at, domain = addr.rpartition("@")
+        if not at or not local:
+            continue
+        if not domain.isascii():
+            # Not a valid IDN: left as given, and the relay will refuse it.
+            with contextlib.suppress(UnicodeError):
+                domain = domain.encode("idna").decode("ascii")
+        found.append(Address(display_name=name, username=local, domain=domain))
+    return found
+
+
+def _address_value(value: str) -> str | tuple[Address, ...]:
+    """What an address header is set to: the parsed addresses, or the text if none parse."""
+    found = _addresses([value])
+    return tuple(found) if found else value

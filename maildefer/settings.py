@@ -23,7 +23,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from maildefer.errors import ConfigError
@@ -89,18 +97,44 @@ class RouterSettings(BaseModel):
 
 
 class RelaySettings(BaseModel):
-    """``[relay]``: where outgoing mail (``relay.deliver``) goes.
+    """``[relay]``: where outgoing mail (``relay.deliver``) goes: a smarthost.
+
+    ``password`` is a ``SecretStr``: its repr, a dump and every error message show
+    ``**********`` (set it in ``MAILDEFER_RELAY__PASSWORD`` to keep it out of the file).
+    ``ca_file`` must exist (checked by :class:`Settings`, relative to the project root).
 
     Example:
-        >>> RelaySettings().port
-        8825
+        >>> r = RelaySettings(port=587, starttls=True, username="app", password="s3cret")
+        >>> r.port, r.password
+        (587, SecretStr('**********'))
+        >>> RelaySettings(starttls=True, tls=True)
+        Traceback (most recent call last):
+        ...
+        pydantic_core._pydantic_core.ValidationError: 1 validation error for RelaySettings
+        tls
+          Value error, starttls and tls cannot both be true: ...
     """
 
     model_config = _STRICT
 
     host: str = "127.0.0.1"
     port: int = Field(default=8825, ge=1, le=65535)
+    starttls: bool = False
+    tls: bool = False
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    ca_file: str = ""
     timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("tls")
+    @classmethod
+    def _one_kind_of_tls(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("starttls"):
+            raise ValueError(
+                "starttls and tls cannot both be true: STARTTLS upgrades a plain port"
+                " (587), tls is TLS from the first byte (465)"
+            )
+        return value
 
 
 class QueueSettings(BaseModel):
@@ -147,6 +181,20 @@ class UndeliverableSettings(BaseModel):
     model_config = _STRICT
 
     path: str = "run/undeliverable"
+
+
+class ViewSettings(BaseModel):
+    """``[view]``: the Jinja2 templates of ``view.respond`` and ``view.render``.
+
+    Example:
+        >>> ViewSettings().templates
+        PosixPath('app/templates')
+    """
+
+    model_config = _STRICT
+
+    # Relative to the project root, like every path (Settings.resolve).
+    templates: Path = Path("app/templates")
 
 
 class MetricsSettings(BaseModel):
@@ -221,9 +269,23 @@ class Settings(BaseSettings):
     relay: RelaySettings = Field(default_factory=RelaySettings)
     queues: dict[str, QueueSettings] = Field(default_factory=dict)
     undeliverable: UndeliverableSettings = Field(default_factory=UndeliverableSettings)
+    view: ViewSettings = Field(default_factory=ViewSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+
+    @field_validator("relay")
+    @classmethod
+    def _ca_file_exists(cls, relay: RelaySettings, info: ValidationInfo) -> RelaySettings:
+        # Here, not in RelaySettings: a relative ca_file needs the root. A ConfigError
+        # rather than a ValueError: pydantic's error would quote the whole [relay] table.
+        root = info.data.get("root", Path.cwd())
+        if relay.ca_file and not (Path(root) / relay.ca_file).is_file():
+            raise ConfigError(
+                f"relay.ca_file = {relay.ca_file!r}: no such file (relative paths are"
+                f" relative to {root})"
+            )
+        return relay
 
     @classmethod
     def settings_customise_sources(
@@ -272,9 +334,11 @@ class Settings(BaseSettings):
 def _describe(error: Mapping[str, Any]) -> str:
     """One readable clause for one pydantic error: key, value, expectation."""
     key = ".".join(str(part) for part in error.get("loc", ())) or "(settings)"
+    # A secret's value never reaches an error line, even a bad one (a password = 123).
+    value = "'**********'" if re.search(r"password|secret", key) else repr(error.get("input"))
     if error.get("type") == "extra_forbidden":
-        return f"{key}: unknown key (value {error.get('input')!r})"
-    return f"{key} = {error.get('input')!r}: {error.get('msg', 'invalid')}"
+        return f"{key}: unknown key (value {value})"
+    return f"{key} = {value}: {error.get('msg', 'invalid')}"
 
 
 def load_settings(path: Path | None = None) -> Settings:

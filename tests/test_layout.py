@@ -45,7 +45,8 @@ CORE = frozenset(
         "routes",
         "lifespan",
         "relay",
-        "view",  # planned (0.2): handlers read it, so it is core
+        "view",  # handlers render replies with it, so it is core
+        "reply",
         "testing",
     )
 )

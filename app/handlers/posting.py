@@ -9,8 +9,11 @@ A sender starts in ``START`` and moves to ``POSTING`` after the first post (the 
 kept in ``run/state.db``). Each post is answered, as in the tutorial, but the reply is not
 sent from the SMTP session: it is pushed to ``run/outbox``, which a worker relays
 (``maildefer.outbox``, through ``[relay]``) with retries, so a relay that is down delays
-the reply instead of refusing the post. No reply goes to the null sender or to mail that
-is itself automatic (RFC 3834).
+the reply instead of refusing the post. The reply is rendered from
+``app/templates/post_received.msg`` (text) and ``post_received.html`` (its HTML
+alternative, autoescaped) by ``maildefer.reply``, which also threads it (``Re:``,
+``In-Reply-To``, ``References``) and sends none to the null sender, to list or bulk mail,
+to mailer-daemons or to mail that is itself automatic (RFC 3834).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from maildefer import MailRequest, MailResponse, Queue, route, route_like
+from maildefer import MailRequest, MailResponse, Queue, reply, route, route_like
 
 # Relative to the working directory: run `serve` and `worker` from the project root.
 POSTS_QUEUE = "run/posts"
@@ -29,27 +32,23 @@ OUTBOX_QUEUE = "run/outbox"
 
 def reply_for(message: MailRequest, post_name: str, host: str) -> MailResponse | None:
     """The confirmation for a post, or None where RFC 3834 says not to answer."""
-    auto = (message["Auto-Submitted"] or "no").strip().lower()
-    if not message.mail_from or auto != "no" or message["List-Id"] is not None:
-        return None
-    reply = MailResponse(
-        To=message.mail_from,
+    title = message["Subject"] or post_name
+    return reply.respond(
+        message,
+        {"title": title, "post_name": post_name, "host": host},
+        "post_received.msg",
+        Html="post_received.html",
         From=f"noreply@{host}",
-        Subject=f"Re: {message['Subject'] or post_name}",
-        Body=f"Your post {post_name!r} was received and will be published shortly.\n",
-        headers={"Auto-Submitted": "auto-replied"},
+        Subject=reply.subject(title),
     )
-    if message["Message-ID"]:
-        reply.headers["In-Reply-To"] = str(message["Message-ID"])
-    return reply
 
 
 async def defer(message: MailRequest, post_name: str, host: str) -> str:
     """Push the post to the queue; returns its key once it is durable."""
     key = await Queue(POSTS_QUEUE).push(message)
-    reply = reply_for(message, post_name, host)
-    if reply is not None:
-        await Queue(OUTBOX_QUEUE).push(reply.to_message())
+    answer = reply_for(message, post_name, host)
+    if answer is not None:
+        await Queue(OUTBOX_QUEUE).push(answer)
     structlog.get_logger("app.posting").info("post queued", post_name=post_name, host=host, key=key)
     return key
 

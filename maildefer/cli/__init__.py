@@ -28,6 +28,7 @@ from maildefer import logs
 from maildefer.errors import ConfigError, MaildeferError
 from maildefer.relay import Relay
 from maildefer.settings import Settings, load_settings
+from maildefer.view import View
 
 # (command, module, one-line help). A module is imported only when its command runs.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
@@ -166,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(level=settings.logging.level, fmt=settings.logging.format)
     command = cast(_Command, importlib.import_module(args._module))
     try:
-        with Relay.from_settings(settings).active():
+        with Relay.from_settings(settings).active(), View.from_settings(settings).active():
             return command.run(args, settings)
     except ConfigError as exc:
         print(f"maildefer: error: {exc}", file=sys.stderr)

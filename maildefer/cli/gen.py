@@ -1,7 +1,8 @@
 """``maildefer gen DIR``: a new project, laid out like the example (Lamson's ``gen``).
 
 Copies the example blog project, the handlers (``app/handlers/posting.py``,
-``app/handlers/index.py``), ``config/settings.toml`` and the systemd units, into a new
+``app/handlers/index.py``), the templates of the posting handler's reply
+(``app/templates/``), ``config/settings.toml`` and the systemd units, into a new
 directory, ready for ``python -m maildefer serve`` from there. The example comes from the
 installed package (a wheel carries it as ``maildefer/_project``) or, in a source checkout,
 from the repository root, so there is one copy of it to keep right.
@@ -28,6 +29,8 @@ FILES = (
     "app/handlers/__init__.py",
     "app/handlers/posting.py",
     "app/handlers/index.py",
+    "app/templates/post_received.msg",
+    "app/templates/post_received.html",
     "config/settings.toml",
     "config/systemd/maildefer.service",
     "config/systemd/maildefer.socket",
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         >>> import tempfile, pathlib
         >>> d = pathlib.Path(tempfile.mkdtemp()) / "p"
         >>> run(argparse.Namespace(dir=d), Settings())  # doctest: +ELLIPSIS
-        created .../p (10 files); next:
+        created .../p (12 files); next:
         ...
         0
     """

@@ -20,7 +20,7 @@ import sys
 import aiosmtplib
 
 from maildefer.mail import MailResponse
-from maildefer.relay import Relay
+from maildefer.relay import Relay, RelayError
 from maildefer.settings import Settings
 
 
@@ -58,15 +58,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     try:
         reply = asyncio.run(relay.deliver(message, mail_from=args.sender, rcpt_tos=args.to))
-    except aiosmtplib.SMTPRecipientsRefused as exc:
-        for refused in exc.recipients:
-            print(f"{refused.recipient}: {refused.code} {refused.message}", file=sys.stderr)
-        return 1
-    except aiosmtplib.SMTPResponseException as exc:
-        print(f"{exc.code} {exc.message}", file=sys.stderr)
-        return 1
-    except (aiosmtplib.SMTPException, OSError) as exc:
-        print(f"maildefer send: {exc}", file=sys.stderr)
+    except RelayError as exc:
+        refused = exc.__cause__
+        if isinstance(refused, aiosmtplib.SMTPRecipientsRefused):
+            for r in refused.recipients:
+                print(f"{r.recipient}: {r.code} {r.message}", file=sys.stderr)
+        else:
+            print(exc.reply if exc.code is not None else f"maildefer send: {exc}", file=sys.stderr)
         return 1
     print(reply)
     return 0

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from maildefer.errors import NoRouteError, Retry, SMTPError
-from maildefer.mail import MailRequest
+from maildefer.mail import MailRequest, MailResponse
 
-Pushable = MailRequest | email.message.Message | bytes
+Pushable = MailRequest | MailResponse | email.message.Message | bytes
 """What ``Queue.push`` accepts."""
 
 BuryReason = Literal["failed", "poison", "corrupt", "rejected"]

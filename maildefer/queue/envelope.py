@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from maildefer.errors import CorruptMessageError
-from maildefer.mail import MailRequest, addresses_from_headers
+from maildefer.mail import MailRequest, MailResponse, addresses_from_headers
 
 if TYPE_CHECKING:
     from maildefer.queue.backend import Pushable
@@ -442,9 +442,17 @@ def message_parts(message: Pushable) -> tuple[bytes, Envelope]:
     """The raw bytes and envelope of anything ``push`` accepts (shared by every backend).
 
     Bytes and stdlib messages carry no SMTP envelope: it is read from their headers, by
-    the rule a file dropped into ``new/`` is read with (:func:`header_envelope`).
+    the rule a file dropped into ``new/`` is read with (:func:`header_envelope`). A
+    :class:`~maildefer.mail.MailResponse` has one: its ``From`` address is the sender and
+    its ``To``, ``Cc`` and ``Bcc`` addresses the recipients, and the stored bytes are its
+    :meth:`~maildefer.mail.MailResponse.as_bytes`, without the ``Bcc`` header.
 
     Example:
+        >>> reply = MailResponse(From="blog@y.org", To="ann@x.org", Bcc="archive@y.org")
+        >>> raw, env = message_parts(reply)
+        >>> env.mail_from, env.rcpt_tos, b"archive" in raw
+        ('blog@y.org', ['ann@x.org', 'archive@y.org'], False)
+
         >>> raw, env = message_parts(b"From: a@x.org\\nTo: b@y.org\\n\\nhi\\n")
         >>> env.mail_from, env.rcpt_tos
         ('a@x.org', ['b@y.org'])
@@ -460,13 +468,17 @@ def message_parts(message: Pushable) -> tuple[bytes, Envelope]:
             message.received_at,
             message.rcpt_to,
         )
+    if isinstance(message, MailResponse):
+        # Its own envelope, not header_envelope(): Bcc is in no header of the bytes.
+        return message.as_bytes(), Envelope(message.mail_from, message.rcpt_tos, "", time.time())
     if isinstance(message, email.message.Message):
         raw = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
     elif isinstance(message, bytes | bytearray | memoryview):
         raw = bytes(message)
     else:
         raise TypeError(
-            f"cannot queue a {type(message).__name__}: want MailRequest, EmailMessage or bytes"
+            f"cannot queue a {type(message).__name__}: "
+            "want MailRequest, MailResponse, EmailMessage or bytes"
         )
     # No SMTP envelope: take it from the headers, as a file dropped into new/ would be read
     # (the same rule, so pushing a file's bytes and dropping the file in agree).
