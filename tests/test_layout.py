@@ -47,7 +47,6 @@ CORE = frozenset(
         "relay",
         "view",  # handlers render replies with it, so it is core
         "reply",
-        "testing",
     )
 )
 # What each layer may import, besides itself. "queue", "ops"... stand for every module of
@@ -63,6 +62,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "smtp": frozenset({"core", "queue", "ops", "smtp"}),
     "worker": frozenset({"core", "ops", "worker-queue"}),
     "handlers": frozenset({"core", "queue", "handlers"}),
+    # maildefer.testing (the pytest plugin) runs the real server, worker and queues for an
+    # application's tests: anything but the CLI, and nothing but tests imports it.
+    "testing": frozenset({"core", "facade", "queue", "ops", "smtp", "worker", "handlers"}),
     "cli": frozenset({"*"}),
 }
 WORKER_QUEUE = frozenset({"maildefer.queue", "maildefer.queue.backend", "maildefer.queue.config"})
@@ -81,6 +83,8 @@ def layer(module: str) -> str | None:
         return "handlers"
     if module == "maildefer.__main__":
         return "cli"
+    if module == "maildefer.testing" or module.startswith("maildefer.testing."):
+        return "testing"
     parts = module.split(".")
     if len(parts) >= 2 and parts[1] in {"queue", "ops", "smtp", "handlers", "cli"}:
         return parts[1]
@@ -457,6 +461,11 @@ def test_aiosmtpd_is_pinned_with_an_upper_bound() -> None:
         ("maildefer.ops.metrics", "maildefer.smtp.session", False),
         ("maildefer.handlers.outbox", "maildefer.relay", True),
         ("maildefer.cli.serve", "maildefer.smtp.server", True),
+        ("maildefer.testing.kit", "maildefer.smtp.server", True),
+        ("maildefer.testing.kit", "maildefer.worker", True),
+        ("maildefer.testing.plugin", "maildefer.cli", False),
+        ("maildefer.routing", "maildefer.testing", False),
+        ("maildefer.worker", "maildefer.testing.kit", False),
     ],
 )
 def test_the_folder_rules_themselves(importer: str, imported: str, ok: bool) -> None:

@@ -3,7 +3,10 @@
 Copies the example blog project, the handlers (``app/handlers/posting.py``,
 ``app/handlers/index.py``), the templates of the posting handler's reply
 (``app/templates/``), ``config/settings.toml`` and the systemd units, into a new
-directory, ready for ``python -m maildefer serve`` from there. The example comes from the
+directory, ready for ``python -m maildefer serve`` from there, with its tests
+(``tests/test_posting.py``, ``tests/test_index.py`` and ``pytest.ini``, kept in the
+example as ``app/project_tests/``) written with the fixtures of ``maildefer[testing]``:
+``python -m pytest`` passes there as generated. The example comes from the
 installed package (a wheel carries it as ``maildefer/_project``) or, in a source checkout,
 from the repository root, so there is one copy of it to keep right.
 
@@ -36,7 +39,17 @@ FILES = (
     "config/systemd/maildefer.socket",
     "config/systemd/maildefer-worker@.service",
     "config/systemd/maildefer.target",
+    "app/project_tests/pytest.ini",
+    "app/project_tests/test_posting.py",
+    "app/project_tests/test_index.py",
 )
+# Where a file of the example goes in the new project, when not at the same place: the
+# example keeps its tests apart (the repository's tests/ are maildefer's own).
+MOVED = {
+    "app/project_tests/pytest.ini": "pytest.ini",
+    "app/project_tests/test_posting.py": "tests/test_posting.py",
+    "app/project_tests/test_index.py": "tests/test_index.py",
+}
 
 GITIGNORE = "run/\n.venv/\n__pycache__/\n"
 
@@ -78,7 +91,7 @@ def generate(target: Path) -> list[Path]:
     source = example_root()
     written: list[Path] = []
     for name in FILES:
-        dest = target / name
+        dest = target / MOVED.get(name, name)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / name, dest)
         written.append(dest)
@@ -106,7 +119,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         >>> import tempfile, pathlib
         >>> d = pathlib.Path(tempfile.mkdtemp()) / "p"
         >>> run(argparse.Namespace(dir=d), Settings())  # doctest: +ELLIPSIS
-        created .../p (12 files); next:
+        created .../p (15 files); next:
         ...
         0
     """
@@ -116,4 +129,5 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print("  python -m maildefer routes            # what the handlers answer")
     print("  python -m maildefer serve             # SMTP on 127.0.0.1:8823")
     print("  python -m maildefer worker --queue posts")
+    print("  python -m pytest                      # its tests (pip install 'maildefer[testing]')")
     return 0

@@ -2,6 +2,9 @@
 
 Build a router from your handler modules, then talk to it as one sender would: every
 message goes through the same routing, state functions and locks as under ``serve``.
+Installed with ``pip install 'maildefer[testing]'``, this package is also a pytest plugin
+(:mod:`maildefer.testing.plugin`, loaded through the ``pytest11`` entry point) whose
+``maildefer_*`` fixtures build all of this from the project's settings.
 
 Example:
     >>> import asyncio, sys, types
@@ -31,7 +34,7 @@ from collections.abc import Mapping
 from maildefer.mail import MailRequest, MailResponse
 from maildefer.routing import START, Router
 
-__all__ = ["Conversation", "make_message"]
+__all__ = ["Conversation", "RouterConversation", "make_message"]
 
 
 def make_message(
@@ -109,3 +112,62 @@ class Conversation:
         """
         stored = await self.router.state.get(Router.state_key(module, self.sender))
         return stored or START
+
+
+class RouterConversation:
+    """A conversation that says the subject first (Lamson's ``RouterConversation``).
+
+    A :class:`Conversation` underneath (same routing, states and locks); what the
+    ``maildefer_conversation`` fixture makes.
+
+    Args:
+        router: the router under test.
+        sender: the envelope sender (and ``From:``) of every message.
+        subject: the subject when :meth:`say` is given none.
+
+    Example:
+        >>> import asyncio
+        >>> conv = RouterConversation(Router([]), "ann@x.org")
+        >>> conv.sender, asyncio.run(conv.state("app.handlers.posting"))
+        ('ann@x.org', 'START')
+    """
+
+    def __init__(self, router: Router, sender: str, subject: str = "test") -> None:
+        self.conversation = Conversation(router, sender, subject)
+
+    @property
+    def sender(self) -> str:
+        """The envelope sender of every message."""
+        return self.conversation.sender
+
+    @property
+    def sent(self) -> list[MailRequest]:
+        """The messages said so far, in order."""
+        return self.conversation.sent
+
+    async def say(
+        self, to: str, subject: str | None = None, body: str = "test\n", **headers: str
+    ) -> int:
+        """Deliver one message with this subject to ``to``; returns how many handlers ran.
+
+        Raises:
+            NoRouteError: no route matches ``to`` (``serve`` would answer 550).
+
+        Example:
+            >>> import asyncio
+            >>> asyncio.run(RouterConversation(Router([]), "a@x").say("b@x", "Hi", "text"))
+            Traceback (most recent call last):
+            ...
+            maildefer.errors.NoRouteError: no route matches 'b@x'
+        """
+        return await self.conversation.say(to, body, subject=subject, **headers)
+
+    async def state(self, module: str) -> str:
+        """This sender's state in a handler module (``START`` before any message).
+
+        Example:
+            >>> import asyncio
+            >>> asyncio.run(RouterConversation(Router([]), "a@x").state("app.handlers.index"))
+            'START'
+        """
+        return await self.conversation.state(module)
