@@ -294,10 +294,16 @@ async def test_readme_generic_work_runs(
     monkeypatch.syspath_prepend(str(project))
     for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
         monkeypatch.delitem(sys.modules, name)
-    await asyncio.to_thread(exec, pusher, {})  # synchronous code, as in a view
-    router = Router.from_modules(["app.handlers.jobs"])
-    q = MaildirQueue(project / "run" / "jobs")
-    stats = await Worker(q, router.deliver, burst=True).serve()
+    try:
+        await asyncio.to_thread(exec, pusher, {})  # synchronous code, as in a view
+        router = Router.from_modules(["app.handlers.jobs"])
+        q = MaildirQueue(project / "run" / "jobs")
+        stats = await Worker(q, router.deliver, burst=True).serve()
+    finally:
+        # This project's `app` package must not outlive the test: a later test importing
+        # the repository's app.handlers.posting would find it in sys.modules first.
+        for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
+            del sys.modules[name]
     assert stats.handled == 1
     assert "resizing uploads/cat.png to 640 px" in capsys.readouterr().out
     assert await q.count() == 0
