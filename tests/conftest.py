@@ -1,17 +1,26 @@
-"""Shared fixtures: the message corpus and a runner for ``python -m maildefer``."""
+"""Shared fixtures: the message corpus, a runner for ``python -m maildefer``, the smarthost
+certificate, captured JSON logs and a fresh broker queue."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import structlog
+from helpers.broker import BROKER
 from helpers.ops import Notify
+from helpers.smarthost import Cert, make_cert
+
+from maildefer import logs
 
 # Real messages from CPython's email test suite, kept in the repository (tests/corpus/README.md).
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
@@ -86,3 +95,36 @@ def fast_dir(tmp_path: Path) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+    """A self-signed certificate for localhost/127.0.0.1 (the smarthost tests)."""
+    return make_cert(tmp_path_factory.mktemp("cert"))
+
+
+@pytest.fixture
+def log_out() -> Iterator[io.StringIO]:
+    """Every log line (debug included), JSON, in a buffer."""
+    out = io.StringIO()
+    logs.configure(level="debug", fmt="json", stream=out)
+    yield out
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def amqp_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh queue on the machine's broker; it and its undeliverable queue go afterwards."""
+    name = f"t-{request.node.module.__name__.removeprefix('test_')}-{uuid.uuid4().hex[:12]}"
+    yield f"{BROKER}?queue={name}"
+
+    async def delete() -> None:
+        import aio_pika
+
+        connection = await aio_pika.connect(BROKER, timeout=2)
+        channel = await connection.channel()
+        for queue in (name, f"{name}.undeliverable"):
+            await channel.queue_delete(queue)
+        await connection.close()
+
+    asyncio.run(delete())

@@ -7,17 +7,16 @@ import io
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from aiosmtpd.smtp import SMTP
-from helpers.smarthost import PASSWORD, USER, Cert, Smarthost, make_cert, start_smarthost
+from helpers.smarthost import PASSWORD, USER, Cert, Smarthost, start_smarthost
 
-from maildefer import MailRequest, Queue, Router, logs
+from maildefer import MailRequest, Queue, Router
 from maildefer.queue import QueueOptions
 from maildefer.queue.maildir import MaildirQueue
 from maildefer.relay import Relay, RelayError
@@ -117,19 +116,6 @@ async def test_relay_down_fails_the_outbox_handler_so_the_worker_retries(project
 
 
 # -- through a worker, against a real smarthost ---------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
-    return make_cert(tmp_path_factory.mktemp("cert"))
-
-
-@pytest.fixture
-def log_out() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    logs.configure(level="debug", fmt="json", stream=out)
-    yield out
-    structlog.reset_defaults()
 
 
 def free_port() -> int:

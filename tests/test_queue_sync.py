@@ -15,12 +15,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from helpers.broker import BROKER, needs_broker
+from helpers.broker import needs_broker
 from helpers.spy_os import SpyOS
 from test_disk_faults import fill, tmpfs
 
@@ -310,23 +309,6 @@ async def test_readme_generic_work_runs(
 
 
 # -- amqp ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def amqp_url() -> Iterator[str]:
-    name = f"t-sync-{uuid.uuid4().hex[:12]}"
-    yield f"{BROKER}?queue={name}"
-
-    async def delete() -> None:
-        import aio_pika
-
-        connection = await aio_pika.connect(BROKER, timeout=2)
-        channel = await connection.channel()
-        for queue in (name, f"{name}.undeliverable"):
-            await channel.queue_delete(queue)
-        await connection.close()
-
-    asyncio.run(delete())
 
 
 def sync_threads(url: str) -> list[threading.Thread]:

@@ -13,35 +13,20 @@ import asyncio
 import io
 import json
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
-from helpers.smarthost import PASSWORD, USER, Cert, Smarthost, make_cert, start_smarthost
+from helpers.smarthost import PASSWORD, USER, Cert, Smarthost, start_smarthost
 from helpers.smtp_server import make_settings, running, write_handlers
 
-from maildefer import MailRequest, MailResponse, Router, logs
+from maildefer import MailRequest, MailResponse, Router
 from maildefer.errors import ConfigError
 from maildefer.relay import Relay, RelayError
 from maildefer.settings import Settings, load_settings
 from tests.conftest import RunCli
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
-    return make_cert(tmp_path_factory.mktemp("cert"))
-
-
-@pytest.fixture
-def log_out() -> Iterator[io.StringIO]:
-    """Every log line (debug included), JSON, in a buffer."""
-    out = io.StringIO()
-    logs.configure(level="debug", fmt="json", stream=out)
-    yield out
-    structlog.reset_defaults()
 
 
 class Running:

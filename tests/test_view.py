@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import email.policy
 import subprocess
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import pytest
-from helpers.broker import BROKER, needs_broker
+from helpers.broker import needs_broker
 
 import maildefer
 from maildefer import MailRequest, MailResponse, Queue, reply, view
@@ -221,23 +220,6 @@ async def test_push_of_a_mail_response_keeps_bcc_in_the_envelope_only(tmp_path: 
         assert b"archive@example.com" not in queued.raw and queued["Bcc"] is None
         assert queued["Cc"] == "Bob <bob@writers.org>"
     await q.close()
-
-
-@pytest.fixture
-def amqp_url() -> Iterator[str]:
-    name = f"t-view-{uuid.uuid4().hex[:12]}"
-    yield f"{BROKER}?queue={name}"
-
-    async def delete() -> None:
-        import aio_pika
-
-        connection = await aio_pika.connect(BROKER, timeout=2)
-        channel = await connection.channel()
-        for queue in (name, f"{name}.undeliverable"):
-            await channel.queue_delete(queue)
-        await connection.close()
-
-    asyncio.run(delete())
 
 
 @needs_broker
