@@ -50,7 +50,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import structlog
@@ -62,6 +62,7 @@ from maildefer.logs import sanitize
 from maildefer.mail import MailRequest
 from maildefer.ops.lifecycle import Lifecycle
 from maildefer.ops.systemd import Notifier
+from maildefer.ops.worker_status import WorkerStats, status_text
 from maildefer.queue import QueueBackend
 from maildefer.queue.backend import ACKED, RELEASED, Claim, Settlement
 from maildefer.queue.config import QueueRegistry
@@ -70,31 +71,10 @@ from maildefer.settings import MetricsSettings
 if TYPE_CHECKING:  # prometheus-client is imported only when metrics are on
     from maildefer.ops.metrics import Metrics
 
+__all__ = ["Deliver", "Worker", "WorkerStats"]  # WorkerStats: its 0.1 home
+
 Deliver = Callable[[MailRequest], Awaitable[object]]
 """What runs a message: ``Router.deliver`` in the CLI, any coroutine function in tests."""
-
-
-@dataclass
-class WorkerStats:
-    """What a worker did with the messages it claimed.
-
-    Attributes:
-        handled: handlers returned; acked.
-        failed: handlers raised or timed out (each then retried or buried).
-        retried: failures put back for a later attempt.
-        buried: messages moved to the undeliverable queue.
-        released: claims given back unhandled at shutdown.
-
-    Example:
-        >>> WorkerStats(handled=2).handled
-        2
-    """
-
-    handled: int = 0
-    failed: int = 0
-    retried: int = 0
-    buried: int = 0
-    released: int = 0
 
 
 class Worker:
@@ -122,7 +102,8 @@ class Worker:
     Attributes:
         ready: set once the worker is live: a maildir queue's watcher is armed and the
             first scan batch is in (a message landing afterwards is picked up at once);
-            for other backends, once recovery is done and claiming starts.
+            for a broker queue, once its consumer is registered. A broker outage clears
+            it until the consumer is back: the status line then says ``paused``.
 
     Example:
         >>> import tempfile
@@ -167,6 +148,7 @@ class Worker:
         self.lifespan = lifespan
         self._instruments = None if metrics is None else metrics.instruments("worker", self.name)
         self.ready = asyncio.Event()
+        self._live = False  # READY=1 was sent: a cleared ``ready`` now means paused
         self.stats = WorkerStats()
         self._lifecycle = Lifecycle(self.status_line, notifier, on_force=self._exit_at_once)
         self._slots = asyncio.Semaphore(concurrency)
@@ -207,7 +189,9 @@ class Worker:
         return list(self._running.values())
 
     def status_line(self) -> str:
-        """The worker's ``STATUS=`` line: its counts so far.
+        """The worker's ``STATUS=`` line: its counts so far, and whether it is paused.
+
+        Paused: ``ready`` was cleared after it was live (a broker outage).
 
         Example:
             >>> import tempfile
@@ -217,11 +201,8 @@ class Worker:
             >>> w.stats.handled = 3; w.status_line()
             'posts: 3 handled, 0 in flight, 0 retried, 0 buried'
         """
-        stats = self.stats
-        return (
-            f"{self.name}: {stats.handled} handled, {len(self._running)} in flight, "
-            f"{stats.retried} retried, {stats.buried} buried"
-        )
+        paused = self._live and not self.ready.is_set()
+        return status_text(self.name, self.stats, in_flight=len(self._running), paused=paused)
 
     # -- the run -------------------------------------------------------------------------
 
@@ -284,6 +265,7 @@ class Worker:
                 # READY=1 only once the worker is live; a worker that fails first never says it.
                 await asyncio.wait([work, live], return_when=asyncio.FIRST_COMPLETED)
                 if self.ready.is_set() and not self.stopping:
+                    self._live = True
                     self._lifecycle.ready(self.status_line())
                 return await work
             finally:

@@ -5,6 +5,13 @@ Actions: ``count``, ``keys``, ``show KEY``, ``pop``, ``remove KEY``, ``clear``,
 queue moves its buried messages back from the undeliverable queue; on the undeliverable
 queue itself it sends every buried message back to the queue it came from.
 
+On an ``amqp://`` queue, ``count`` is the messages waiting in the queue and its delay
+queues (maildir's ``new/`` and ``later/``; those a consumer holds unacked are not
+reported by the broker), read without declaring anything; ``requeue`` works as on a
+maildir (:mod:`maildefer.queue.amqp.admin`: each copy confirmed before its dead letter is
+acked); ``pop`` and ``clear`` go through the backend; ``keys``, ``show`` and ``remove``
+exit 2 with one line: a broker queue cannot be browsed without taking messages off it.
+
 Example:
     >>> import tempfile
     >>> from maildefer.cli import main
@@ -24,12 +31,16 @@ from pathlib import Path
 from typing import TextIO
 
 from maildefer.errors import ConfigError, CorruptMessageError
-from maildefer.queue.config import backend_for, resolve_queue
+from maildefer.queue.backend import QueueBackend
+from maildefer.queue.config import backend_for, queue_options, resolve_queue
 from maildefer.queue.maildir import MaildirQueue
 from maildefer.queue.maildir.names import MaildirName
 from maildefer.settings import Settings
 
 ACTIONS = ("count", "keys", "show", "pop", "remove", "clear", "requeue")
+AMQP_REFUSED = ("keys", "show", "remove")
+"""What a broker queue cannot do: browse (handing messages back counts toward their
+delivery limit, so browsing would turn them into poison)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,9 +71,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    if resolve_queue(settings, args.queue).startswith(("amqp://", "amqps://")):
+        return await _run_amqp(args, settings, out)
     backend = backend_for(settings, args.queue)
     if not isinstance(backend, MaildirQueue):
-        raise ConfigError(f"queue {args.queue}: only maildir queues are supported here")
+        raise ConfigError(f"queue {args.queue}: only maildir and amqp queues are supported here")
     if args.action == "count":
         print(await backend.count(), file=out)
     elif args.action == "keys":
@@ -71,14 +84,7 @@ async def _run(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     elif args.action == "show":
         return await _show(backend, args.key, out)
     elif args.action == "pop":
-        popped = await backend.pop()
-        if popped is None:
-            print("queue is empty", file=sys.stderr)
-            return 1
-        key, message = popped
-        print(f"key: {key}", file=out)
-        out.flush()
-        sys.stdout.buffer.write(message.raw)
+        return await _pop(backend, out)
     elif args.action == "remove":
         if not await backend.remove(args.key):
             print(f"no message {args.key} in {backend.url}", file=sys.stderr)
@@ -93,6 +99,52 @@ async def _run(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
             dead = MaildirQueue(dead_path)
             moved = await dead.requeue(source=resolve_queue(settings, args.queue))
         print(f"requeued {moved} messages", file=out)
+    return 0
+
+
+async def _run_amqp(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    """The actions on an amqp queue: counts and requeue on the broker, pop and clear."""
+    # Imported here: maildir-only users never import the broker client.
+    from maildefer.queue.amqp.admin import AmqpAdmin
+
+    if args.action in AMQP_REFUSED:
+        raise ConfigError(
+            f"queue {args.queue}: {args.action} is not supported on amqp queues (a broker "
+            "queue cannot be browsed without taking messages off it); use count, pop, "
+            "clear or requeue"
+        )
+    if args.action in ("pop", "clear"):
+        backend = backend_for(settings, args.queue)
+        try:
+            if args.action == "pop":
+                return await _pop(backend, out)
+            print(f"removed {await backend.clear()} messages", file=out)
+            return 0
+        finally:
+            await backend.close()
+    admin = AmqpAdmin(
+        resolve_queue(settings, args.queue),
+        # As backend_for gives the worker: the dead-letter queue it buries to.
+        undeliverable=settings.resolve(settings.undeliverable.path),
+        options=queue_options(settings.queue_settings(args.queue)),
+    )
+    async with admin:
+        if args.action == "count":
+            print((await admin.counts()).waiting, file=out)
+        else:
+            print(f"requeued {await admin.requeue()} messages", file=out)
+    return 0
+
+
+async def _pop(backend: QueueBackend, out: TextIO) -> int:
+    popped = await backend.pop()
+    if popped is None:
+        print("queue is empty", file=sys.stderr)
+        return 1
+    key, message = popped
+    print(f"key: {key}", file=out)
+    out.flush()
+    sys.stdout.buffer.write(message.raw)
     return 0
 
 

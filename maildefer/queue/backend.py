@@ -51,6 +51,10 @@ class QueueOptions:
     poll_interval: float = 1.0
     rescan_interval: float = 10.0
     sync: Literal["auto", "fsync", "syncfs"] = "auto"
+    # A broker queue's: seconds one connection attempt to one node may take, and a
+    # publisher confirm may take; past them a push fails (serve answers 451).
+    connect_timeout: float = 5.0
+    publish_timeout: float = 10.0
 
     def backoff(self, attempts: int, *, jitter: float) -> float:
         """Seconds to wait after the ``attempts``-th failure (0-based), jittered and capped.
@@ -305,7 +309,9 @@ class QueueBackend(Protocol):
                 waiting for more. A backend that cannot tell "drained" raises
                 :class:`~maildefer.errors.ConfigError` at once, from this call.
             ready: set once the feed is live: a message that arrives afterwards is
-                claimed without waiting for a rescan (the worker's ``READY=1``).
+                claimed without waiting for a rescan (the worker's ``READY=1``). A
+                backend whose feed can pause (a broker outage) clears it while paused
+                and sets it again when it resumes (the worker's status says so).
 
         Raises:
             ConfigError: ``burst`` is asked of a backend that cannot drain.

@@ -204,6 +204,8 @@ def queue_options(queue: QueueSettings) -> QueueOptions:
         poll_interval=queue.poll_interval,
         rescan_interval=queue.rescan_interval,
         sync=queue.sync,
+        connect_timeout=queue.connect_timeout,
+        publish_timeout=queue.publish_timeout,
     )
 
 

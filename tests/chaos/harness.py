@@ -11,6 +11,8 @@ import contextlib
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import smtplib
 import subprocess
@@ -20,6 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from maildefer.queue.maildir import MaildirQueue
 from tests.chaos.project import ChaosProject
@@ -39,6 +42,8 @@ class Profile:
     fail_rate: float = 0.05
     hang_rate: float = 0.01
     deadline: float = 100.0
+    # Pause of each session between two messages: spreads the traffic over the faults.
+    send_interval: float = 0.0
 
 
 SHORT = Profile(messages=300, min_kills=12, fault_interval=(0.5, 1.2))
@@ -59,6 +64,12 @@ class Result:
     kills: Counter[str] = field(default_factory=Counter)
     leftovers: list[str] = field(default_factory=list)
     reasons: Counter[str] = field(default_factory=Counter)
+    refused: dict[int, str] = field(default_factory=dict)
+    acked_at: dict[int, float] = field(default_factory=dict)
+    deferrals: int = 0
+    self_exits: int = 0
+    # Warnings and errors the daemons logged, by event and error type (to explain a failure).
+    events: Counter[str] = field(default_factory=Counter)
 
     def summary(self) -> str:
         return (
@@ -66,7 +77,9 @@ class Result:
             f"handled={self.handled} duplicates={self.duplicates} "
             f"undeliverable={self.undeliverable} lost={len(self.lost)} "
             f"reasons={dict(self.reasons)} kills={dict(self.kills)} "
-            f"leftovers={len(self.leftovers)}"
+            f"leftovers={len(self.leftovers)} refused={len(self.refused)} "
+            f"deferrals={self.deferrals} self_exits={self.self_exits} "
+            f"events={dict(self.events.most_common(8))}"
         )
 
 
@@ -82,6 +95,7 @@ class Cluster:
             "CHAOS_SEED": str(seed),
             "CHAOS_FAIL_RATE": str(profile.fail_rate),
             "CHAOS_HANG_RATE": str(profile.hang_rate),
+            "CHAOS_QUEUE": project.queue,
         }
         self.serve: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * profile.workers
@@ -140,7 +154,11 @@ class Client:
         self.port = port
         self.profile = profile
         self.acked: set[int] = set()
+        # When each number got its 250 (monotonic): shows the flow resuming after a fault.
+        self.acked_at: dict[int, float] = {}
         self.refused: dict[int, str] = {}
+        # Every 4xx answer (the MTA keeps the message and tries again).
+        self.deferrals = 0
         self._lock = threading.Lock()
         self._next = 0
 
@@ -162,11 +180,14 @@ class Client:
                     s.sendmail("client@chaos.test", [f"user{seq % 7}@chaos.test"], body)
                 with self._lock:
                     self.acked.add(seq)
+                    self.acked_at[seq] = time.monotonic()
                 return
             except smtplib.SMTPResponseException as exc:
                 if exc.smtp_code >= 500:
                     self.refused[seq] = f"{exc.smtp_code} {exc.smtp_error!r}"
                     return
+                with self._lock:
+                    self.deferrals += 1
             except (smtplib.SMTPException, OSError):
                 pass  # server down or connection cut: like an MTA, try again later
             time.sleep(0.1)
@@ -176,6 +197,7 @@ class Client:
         def session() -> None:
             while (seq := self._take()) is not None:
                 self._send_one(seq, deadline)
+                time.sleep(self.profile.send_interval)
 
         threads = [threading.Thread(target=session) for _ in range(self.profile.sessions)]
         for t in threads:
@@ -184,38 +206,63 @@ class Client:
             t.join()
 
 
-def fault_loop(
-    cluster: Cluster, rng: random.Random, stop: threading.Event, kills: Counter[str]
-) -> None:
-    """Kill and restart processes at random moments until ``stop`` is set.
+class Faults(Protocol):
+    """What a run does to the system meanwhile: its kinds of fault and the loop doing them."""
 
-    ``kills`` is counted as it goes: the main thread watches it to know when enough
-    faults have happened.
-    """
-    lo, hi = cluster.profile.fault_interval
-    while not stop.wait(rng.uniform(lo, hi)):
-        action = rng.choice(["kill-serve", "kill-worker", "kill-worker", "term-worker"])
-        if action == "kill-serve" and cluster.serve is not None:
-            cluster.serve.kill()
-            cluster.serve.wait()
-            kills[action] += 1
-            cluster.start_serve()
-        else:
-            index = rng.randrange(len(cluster.workers))
-            proc = cluster.workers[index]
-            if proc is None:
+    kinds: tuple[str, ...]
+
+    def run(
+        self, cluster: Cluster, rng: random.Random, stop: threading.Event, kills: Counter[str]
+    ) -> None:
+        """Inject faults until ``stop`` is set, counting each in ``kills`` by kind."""
+
+
+class Probe(Protocol):
+    """The queue seen from outside: whether work is left, and what was set aside."""
+
+    def pending(self) -> bool:
+        """Whether messages are still queued, waiting for a retry or held by a worker."""
+
+    def settle(self) -> tuple[set[int], Counter[str], list[str]]:
+        """After the run: numbers set aside, their reasons, anything left in the queue."""
+
+
+def kill_worker(cluster: Cluster, index: int, sig: signal.Signals) -> bool:
+    """Stop worker ``index`` with ``sig`` (SIGKILL if it lingers), then start a new one."""
+    proc = cluster.workers[index]
+    if proc is None:
+        return False
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    cluster.start_worker(index)
+    return True
+
+
+class ProcessKills:
+    """Kill and restart serve and workers at random moments (the maildir runs)."""
+
+    kinds: tuple[str, ...] = ("kill-serve", "kill-worker", "term-worker")
+
+    def run(
+        self, cluster: Cluster, rng: random.Random, stop: threading.Event, kills: Counter[str]
+    ) -> None:
+        """Until ``stop`` is set; ``kills`` is counted as it goes (the main thread watches)."""
+        lo, hi = cluster.profile.fault_interval
+        while not stop.wait(rng.uniform(lo, hi)):
+            action = rng.choice(["kill-serve", "kill-worker", "kill-worker", "term-worker"])
+            if action == "kill-serve" and cluster.serve is not None:
+                cluster.serve.kill()
+                cluster.serve.wait()
+                kills[action] += 1
+                cluster.start_serve()
                 continue
-            if action == "kill-worker":
-                proc.kill()
-            else:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            kills[action] += 1
-            cluster.start_worker(index)
+            sig = signal.SIGKILL if action == "kill-worker" else signal.SIGTERM
+            if kill_worker(cluster, rng.randrange(len(cluster.workers)), sig):
+                kills[action] += 1
 
 
 def queue_files(path: Path, subdirs: tuple[str, ...]) -> list[Path]:
@@ -234,8 +281,40 @@ def seq_of(path: Path) -> int | None:
     return None
 
 
-def run_chaos(project: ChaosProject, profile: Profile, seed: int) -> Result:
-    """One whole chaos run; returns what the checker found."""
+class MaildirProbe:
+    """The maildir queue of a chaos project, read from its directories."""
+
+    def __init__(self, project: ChaosProject) -> None:
+        self.project = project
+
+    def pending(self) -> bool:
+        """Whether a message is still in new/, cur/ or later/."""
+        return bool(queue_files(self.project.work, ("new", "cur", "later")))
+
+    def settle(self) -> tuple[set[int], Counter[str], list[str]]:
+        """Recover dead claims, then read the undeliverable maildir and what is left."""
+        project = self.project
+        # What the next worker start would do: return dead claims, drop dead writers' tmp/.
+        MaildirQueue(project.work, undeliverable=project.undeliverable).recover_sync()
+        dead = {s for p in queue_files(project.undeliverable, ("new", "cur")) if (s := seq_of(p))}
+        reasons: Counter[str] = Counter()
+        for record in (project.undeliverable / "errors").glob("*.json"):
+            reasons[json.loads(record.read_text()).get("reason", "?")] += 1
+        leftovers = [str(p) for p in queue_files(project.work, ("tmp", "new", "cur", "later"))]
+        return dead, reasons, leftovers
+
+
+def run_chaos(
+    project: ChaosProject,
+    profile: Profile,
+    seed: int,
+    *,
+    faults: Faults | None = None,
+    probe: Probe | None = None,
+) -> Result:
+    """One whole chaos run (process kills on a maildir queue unless told otherwise)."""
+    injector: Faults = faults or ProcessKills()
+    observer: Probe = probe or MaildirProbe(project)
     rng = random.Random(seed)
     cluster = Cluster(project, profile, seed)
     cluster.start()
@@ -243,11 +322,11 @@ def run_chaos(project: ChaosProject, profile: Profile, seed: int) -> Result:
     stop = threading.Event()
     # Every key present from the start: the fault thread only updates values, so the main
     # thread can sum them safely meanwhile.
-    kills: Counter[str] = Counter({"kill-serve": 0, "kill-worker": 0, "term-worker": 0})
+    kills: Counter[str] = Counter(dict.fromkeys(injector.kinds, 0))
     started = time.monotonic()
     deadline = started + profile.deadline
 
-    fault_thread = threading.Thread(target=fault_loop, args=(cluster, rng, stop, kills))
+    fault_thread = threading.Thread(target=injector.run, args=(cluster, rng, stop, kills))
     fault_thread.start()
     # However the run ends (a failure, a test timeout), no process of it outlives it.
     try:
@@ -259,27 +338,30 @@ def run_chaos(project: ChaosProject, profile: Profile, seed: int) -> Result:
         finally:
             stop.set()
             fault_thread.join()
-        # Quiesce: everything up, wait for the queue to empty (retries, recoveries).
+        # Quiesce: everything up, wait for the queue to empty (retries, recoveries). A
+        # process found dead here died by itself: the fault loop restarts what it kills.
+        self_exits = 0
+        if cluster.serve is not None and cluster.serve.poll() is not None:
+            self_exits += 1
+            cluster.start_serve()
         for i, p in enumerate(cluster.workers):
             if p is None or p.poll() is not None:
+                self_exits += p is not None
                 cluster.start_worker(i)
         quiet_deadline = time.monotonic() + 60
         while time.monotonic() < quiet_deadline:
-            if not queue_files(project.work, ("new", "cur", "later")):
+            if not observer.pending():
                 break
             time.sleep(0.2)
     finally:
         cluster.stop()
-    # What the next worker start would do: return dead claims, drop dead writers' tmp/ files.
-    MaildirQueue(project.work, undeliverable=project.undeliverable).recover_sync()
-    handled_lines = project.handled_log.read_text().split() if project.handled_log.exists() else []
-    handled = Counter(int(x) for x in handled_lines)
-    dead = {s for p in queue_files(project.undeliverable, ("new", "cur")) if (s := seq_of(p))}
+    handled = handled_counts(project)
+    dead, reasons, leftovers = observer.settle()
+    keep = os.environ.get("CHAOS_KEEP_LOGS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(project.root / "processes.log", Path(keep) / f"processes-{seed}.log")
     lost = sorted(client.acked - set(handled) - dead)
-    reasons: Counter[str] = Counter()
-    for record in (project.undeliverable / "errors").glob("*.json"):
-        reasons[json.loads(record.read_text()).get("reason", "?")] += 1
-    leftovers = [str(p) for p in queue_files(project.work, ("tmp", "new", "cur", "later"))]
     return Result(
         seed=seed,
         messages=profile.messages,
@@ -291,4 +373,29 @@ def run_chaos(project: ChaosProject, profile: Profile, seed: int) -> Result:
         kills=kills,
         leftovers=leftovers,
         reasons=reasons,
+        refused=dict(client.refused),
+        acked_at=dict(client.acked_at),
+        deferrals=client.deferrals,
+        self_exits=self_exits,
+        events=logged_events(project.root / "processes.log"),
     )
+
+
+def logged_events(log: Path) -> Counter[str]:
+    """Warning and error lines of the daemons' JSON logs, counted by event and error type."""
+    events: Counter[str] = Counter()
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("level") in ("warning", "error"):
+                error = str(event.get("error") or event.get("reason") or "")
+                # Numbers (ports, delivery tags, queue ids) would split one kind into many.
+                error = re.sub(r"[0-9a-f]{6,}|\d+", "N", error)[-90:]
+                events[f"{event.get('event')}: {error}"] += 1
+    return events
+
+
+def handled_counts(project: ChaosProject) -> Counter[int]:
+    """How many times each number was handled so far (the record handler's log)."""
+    log = project.handled_log
+    return Counter(int(x) for x in (log.read_text().split() if log.exists() else []))

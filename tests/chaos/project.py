@@ -13,13 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 INGEST = """
+import os
+
 from maildefer import Queue, route, stateless
+
+# The work queue's path or URL (a maildir by default; an amqp:// URL for the broker runs).
+WORK = os.environ.get("CHAOS_QUEUE", "run/work")
 
 
 @route("(user)@(host)")
 @stateless
 async def START(message, user, host):
-    await Queue("run/work").push(message)
+    await Queue(WORK).push(message)
 """
 
 RECORD = """
@@ -71,6 +76,7 @@ class ChaosProject:
 
     root: Path
     port: int
+    queue: str = "run/work"
 
     @property
     def config(self) -> Path:
@@ -89,8 +95,14 @@ class ChaosProject:
         return self.root / "run" / "handled.log"
 
 
-def make_project(root: Path, *, handler_timeout: float = 2.0) -> ChaosProject:
-    """Write settings and handlers for a chaos run under ``root``."""
+def make_project(
+    root: Path, *, handler_timeout: float = 2.0, queue: str = "run/work"
+) -> ChaosProject:
+    """Write settings and handlers for a chaos run under ``root``.
+
+    ``queue`` is the work queue's path or URL; serve's handler gets it from the
+    ``CHAOS_QUEUE`` environment variable, which :class:`~tests.chaos.harness.Cluster` sets.
+    """
     port = free_port()
     (root / "config").mkdir(parents=True)
     (root / "run").mkdir()
@@ -114,7 +126,7 @@ def make_project(root: Path, *, handler_timeout: float = 2.0) -> ChaosProject:
             defaults = {{ host = "chaos\\\\.test" }}
 
             [queues.work]
-            path = "run/work"
+            path = "{queue}"
             handlers = ["chaos_app.record"]
             concurrency = 4
             max_attempts = 6
@@ -133,4 +145,4 @@ def make_project(root: Path, *, handler_timeout: float = 2.0) -> ChaosProject:
             """
         )
     )
-    return ChaosProject(root, port)
+    return ChaosProject(root, port, queue)

@@ -2,7 +2,10 @@
 
 ``Queue("amqp://guest:guest@127.0.0.1:5672/?queue=posts")`` (``amqps://`` for TLS; the
 path is the vhost, ``/`` or empty for the default one). Other query parameters
-(``heartbeat=30``...) go to the client library. The message body is the same
+(``heartbeat=30``...) go to the client library. Several ``host:port`` separated by commas
+name the nodes of one cluster: the queue connects to any and, when its connection is
+lost, to the next (:mod:`.connection`); a worker's consumer pauses while no node is
+reachable and re-subscribes by itself (:mod:`.subscription`). The message body is the same
 self-checking envelope + original bytes as a maildir file
 (:mod:`maildefer.queue.envelope`), so a
 message moves between backends unchanged and a corrupt one is detected and buried.
@@ -61,10 +64,16 @@ Limits, by design:
 The package, by purpose:
 
 - :mod:`.queue`: :class:`AmqpQueue`, the backend's API.
-- :mod:`.connection`: the broker link (connect, channels, publish, queue depths); every
-  use of the connection goes through it.
+- :mod:`.connection`: the broker link (connect, fail over, reconnect, channels, publish,
+  queue depths); every use of the connection goes through it.
+- :mod:`.hosts`: the nodes of a multi-host URL.
+- :mod:`.subscription`: a consumer re-subscribed after every connection loss (pause,
+  resume).
+- :mod:`.sync`: ``push_sync``'s link, on a private event loop.
 - :mod:`.topology`: the URL, the queue names and arguments, their declaration, headers.
 - :mod:`.deliveries`: consumers, deliveries and the claims made of them.
+- :mod:`.admin`: :class:`AmqpAdmin`, what ``queue URL count|requeue`` and ``status`` do on
+  the broker (counts by passive declare, requeue of dead letters with confirms).
 
 Example:
     >>> q = AmqpQueue("amqp://guest:guest@127.0.0.1:5672/?queue=posts")
@@ -74,6 +83,7 @@ Example:
 
 from __future__ import annotations
 
+from maildefer.queue.amqp.admin import AmqpAdmin
 from maildefer.queue.amqp.queue import AmqpQueue
 
-__all__ = ["AmqpQueue"]
+__all__ = ["AmqpAdmin", "AmqpQueue"]

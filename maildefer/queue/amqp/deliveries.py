@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel, ConsumerTag
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from maildefer.mail import MailRequest
@@ -80,17 +80,32 @@ class Consumer:
 
     Attributes:
         channel: the consumer's own channel (its prefetch is this consumer's).
-        buffer: messages delivered and not yet claimed.
+        buffer: messages delivered and not yet claimed; ``None`` once the channel is
+            lost (what :mod:`.subscription` waits for to subscribe again).
         outstanding: claims handed out and not yet settled.
         delivered: messages the broker has delivered (to see when deliveries stop).
         finished: the consumer is cancelled: late deliveries are handed back.
+        lost: why its channel closed under it, once it did.
     """
 
-    channel: AbstractRobustChannel
-    buffer: asyncio.Queue[AbstractIncomingMessage] = field(default_factory=asyncio.Queue)
+    channel: AbstractChannel
+    buffer: asyncio.Queue[AbstractIncomingMessage | None] = field(default_factory=asyncio.Queue)
     outstanding: int = 0
     delivered: int = 0
     finished: bool = False
+    lost: str | None = None
+
+    def channel_lost(self, reason: str) -> None:
+        """Its channel closed (the connection or the broker closed it): wake the reader.
+
+        Example:
+            >>> consumer = Consumer(channel=None); consumer.channel_lost("gone")
+            >>> consumer.lost, consumer.buffer.get_nowait()
+            ('gone', None)
+        """
+        if self.lost is None:
+            self.lost = reason
+            self.buffer.put_nowait(None)
 
     async def quiesce(self) -> None:
         """Wait until deliveries sent before the cancel took effect have been dispatched.
@@ -234,7 +249,7 @@ class Consumers:
     def __init__(self) -> None:
         self._open: set[Consumer] = set()
 
-    def open(self, channel: AbstractRobustChannel) -> Consumer:
+    def open(self, channel: AbstractChannel) -> Consumer:
         """A new consumer on ``channel``, counted as open until it is closed."""
         consumer = Consumer(channel)
         self._open.add(consumer)
@@ -245,6 +260,17 @@ class Consumers:
 
     def __len__(self) -> int:
         return len(self._open)
+
+    def drop(self, consumer: Consumer) -> None:
+        """Forget a consumer whose channel is gone: the broker requeued what it held.
+
+        Example:
+            >>> consumers = Consumers(); consumer = consumers.open(channel=None)
+            >>> consumers.drop(consumer); consumer in consumers, consumer.finished
+            (False, True)
+        """
+        consumer.finished = True
+        self._open.discard(consumer)
 
     def forget(self) -> None:
         """Forget every consumer: the connection closed and took their channels along."""
@@ -284,12 +310,16 @@ class Consumers:
         await consumer.quiesce()
         while not consumer.buffer.empty():
             message = consumer.buffer.get_nowait()
-            if not is_stale(message):
+            if message is not None and not is_stale(message):
                 await give_back(Delivery.of(message, None))
         await self.close_if_done(consumer)
 
     async def settle(self, delivery: Delivery, *, label: str, requeue: bool | None = None) -> None:
         """Ack (or nack) a delivery; a dead channel means the broker requeued it already.
+
+        A delivery keeps the channel it came on: after a reconnect its tag means
+        nothing on the new channel, so it is never acked there (it is skipped; the
+        broker redelivers the message).
 
         Args:
             delivery: what to settle; it leaves its consumer's count of unsettled claims.
@@ -297,7 +327,9 @@ class Consumers:
             requeue: ``None`` to ack; ``True``/``False`` to nack with or without requeue.
         """
         try:
-            if requeue is None:
+            if is_stale(delivery.message):
+                pass  # the broker has requeued it with its channel: nothing to send
+            elif requeue is None:
                 await delivery.message.ack()
             else:
                 await delivery.message.nack(requeue=requeue)

@@ -22,11 +22,11 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage, ConsumerTag
+from aio_pika.abc import AbstractIncomingMessage
 
 from maildefer.errors import ConfigError, CorruptMessageError, QueueError
 from maildefer.mail import MailRequest
-from maildefer.queue.amqp.connection import BROKER_ERRORS, BrokerLink, SyncLink, log
+from maildefer.queue.amqp.connection import BROKER_ERRORS, BrokerLink, log
 from maildefer.queue.amqp.deliveries import (
     Consumer,
     Consumers,
@@ -36,6 +36,8 @@ from maildefer.queue.amqp.deliveries import (
     make_claim,
     message_key,
 )
+from maildefer.queue.amqp.subscription import Subscription
+from maildefer.queue.amqp.sync import SyncLink
 from maildefer.queue.amqp.topology import (
     H_ATTEMPTS,
     H_BURIED_AT,
@@ -69,13 +71,17 @@ class AmqpQueue:
             dead letters go to ``NAME.undeliverable`` on the broker.
         prefetch: unacked messages one ``consume()`` may hold; the worker sets it to its
             concurrency (or calls :meth:`set_prefetch`).
-        connect_timeout: seconds to wait for the broker when connecting.
+        connect_timeout: seconds one connection attempt to one node may take (by
+            default ``options.connect_timeout``); a push while no node is reachable
+            fails within about that times the number of nodes.
         publish_timeout: seconds to wait for a publisher confirm (a broker under a memory
-            or disk alarm blocks publishers); then the push fails with a
-            :class:`QueueError` (the message may still arrive: at-least-once).
+            or disk alarm blocks publishers; by default ``options.publish_timeout``);
+            then the push fails with a :class:`QueueError` (the message may still
+            arrive: at-least-once).
 
     Raises:
-        ConfigError: the URL is not ``amqp``/``amqps`` or names no queue.
+        ConfigError: the URL is not ``amqp``/``amqps``, has a malformed host list, or
+            names no queue.
 
     Example:
         >>> AmqpQueue("amqp://h/vh?queue=q&heartbeat=30").connection_url
@@ -89,8 +95,8 @@ class AmqpQueue:
         options: QueueOptions | None = None,
         undeliverable: str | os.PathLike[str] | None = None,
         prefetch: int | None = None,
-        connect_timeout: float = 10.0,
-        publish_timeout: float = 30.0,
+        connect_timeout: float | None = None,
+        publish_timeout: float | None = None,
     ) -> None:
         self.url = url
         self.name, self.connection_url = parse_url(url)
@@ -102,8 +108,12 @@ class AmqpQueue:
             self.connection_url,
             label=self.name,
             declare=self._topology.declare,
-            connect_timeout=connect_timeout,
-            publish_timeout=publish_timeout,
+            connect_timeout=self.options.connect_timeout
+            if connect_timeout is None
+            else connect_timeout,
+            publish_timeout=self.options.publish_timeout
+            if publish_timeout is None
+            else publish_timeout,
         )
         self._sync = SyncLink(self._sync_link)  # push_sync's: a private loop in a thread
         self._names = NameGenerator(host=socket.gethostname())
@@ -115,7 +125,9 @@ class AmqpQueue:
 
     def _sync_link(self) -> BrokerLink:
         """push_sync's link, on a loop of its own: the same broker, its own topology object."""
-        return self._link.twin(Topology(self.name, self.dead_name, self.options).declare)
+        return self._link.twin(
+            Topology(self.name, self.dead_name, self.options).declare, role="sync"
+        )
 
     @property
     def connect_timeout(self) -> float:
@@ -346,44 +358,27 @@ class AmqpQueue:
         if burst:
             raise ConfigError(f"queue {self.url}: --burst needs a maildir queue")
         self.set_prefetch(prefetch)
-        # The consumer registers on the first pull, which follows at once.
-        ready.set()
-        return self.consume()
+        # Set once the consumer is registered (on the first pull, which follows at once),
+        # cleared while a broker outage pauses it (.subscription).
+        return self._claims(ready)
 
-    async def _claims(self) -> AsyncIterator[Claim]:
-        channel = await self._link.consumer_channel(self.prefetch)
+    async def _claims(self, ready: asyncio.Event | None = None) -> AsyncIterator[Claim]:
+        subscription = Subscription(
+            self._link,
+            self.name,
+            self.prefetch,
+            self._consumers,
+            give_back=self._give_back,
+            ready=ready,
+        )
+        messages = subscription.messages()
         try:
-            queue = await channel.get_queue(self.name, ensure=False)
-        except BROKER_ERRORS as exc:
-            raise QueueError(f"{self.name}: cannot start consuming: {exc!r}") from exc
-        consumer = self._consumers.open(channel)
-
-        async def deliver(message: AbstractIncomingMessage) -> None:
-            consumer.delivered += 1
-            if consumer.finished:
-                # Sent before the broker saw our cancel: hand it back uncounted.
-                consumer.outstanding += 1
-                await self._give_back(Delivery.of(message, consumer))
-                return
-            await consumer.buffer.put(message)
-
-        tag: ConsumerTag | None = None
-        try:
-            try:
-                tag = await queue.consume(deliver, no_ack=False)
-            except BROKER_ERRORS as exc:
-                raise QueueError(f"{self.name}: cannot start consuming: {exc!r}") from exc
-            while True:
-                message = await consumer.buffer.get()
-                if is_stale(message):
-                    continue  # its channel died: the broker has requeued it already
+            async for message, consumer in messages:
                 claim = await self._claim(message, consumer)
                 if claim is not None:
                     yield claim
         finally:
-            await self._consumers.stop(
-                consumer, queue, tag, give_back=self._give_back, cancel_timeout=self.connect_timeout
-            )
+            await messages.aclose()
 
     async def _claim(
         self, message: AbstractIncomingMessage, consumer: Consumer | None
@@ -459,6 +454,8 @@ class AmqpQueue:
             QueueError: the copy could not be published; the original is not acked.
         """
         delivery = delivery_of(claim)
+        if await self._orphaned(delivery):
+            return True  # the broker redelivers it: a copy now would make two
         attempts = claim.attempts + 1
         if attempts >= self.options.max_attempts:
             claim.attempts = attempts
@@ -492,6 +489,8 @@ class AmqpQueue:
 
     async def _lap(self, claim: Claim, delivery: Delivery, due_ms: int) -> None:
         """Another lap of the retry ladder for a ``Retry`` not due yet: no attempt counted."""
+        if await self._orphaned(delivery):
+            return
         stored = delivery.message.headers or {}
         headers = delivery.copy_headers(claim.attempts)
         headers.update({H_NOT_BEFORE: due_ms, H_ERROR: stored.get(H_ERROR, "")})
@@ -509,6 +508,8 @@ class AmqpQueue:
             QueueError: the dead letter could not be published; the original is not acked.
         """
         delivery = delivery_of(claim)
+        if await self._orphaned(delivery):
+            return  # the broker redelivers it; the next attempt buries it again
         headers = delivery.copy_headers(claim.attempts)
         headers.update(
             {
@@ -531,10 +532,20 @@ class AmqpQueue:
         """
         await self._give_back(delivery_of(claim))
 
+    async def _orphaned(self, delivery: Delivery) -> bool:
+        """Settle (skip) a delivery whose channel died; whether it had.
+
+        The broker has requeued it already (a closed channel's unacked messages go
+        back): publishing a copy as well would make two, and its ack must never go to
+        the channel of a later connection.
+        """
+        if not is_stale(delivery.message):
+            return False
+        await self._settle(delivery)
+        return True
+
     async def _give_back(self, delivery: Delivery) -> None:
-        if is_stale(delivery.message):
-            # Its channel is gone, so the broker has requeued it: a copy would duplicate it.
-            await self._settle(delivery)
+        if await self._orphaned(delivery):
             return
         headers = delivery.copy_headers(delivery.attempts)
         key = delivery.message.message_id or ""

@@ -18,10 +18,11 @@ import os
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from maildefer.errors import ConfigError, QueueError
 from maildefer.queue.amqp.connection import BROKER_ERRORS, BrokerLink, ready_counts
+from maildefer.queue.amqp.hosts import BrokerHosts
 from maildefer.queue.backend import QueueOptions
 
 H_ATTEMPTS = "x-maildefer-attempts"
@@ -50,24 +51,29 @@ RETRY_LADDER_MS: tuple[int, ...] = tuple(1000 << n for n in range(17))
 def parse_url(url: str) -> tuple[str, str]:
     """The queue name of an ``amqp`` URL and the URL for the client library without it.
 
+    Several ``host:port`` separated by commas name the nodes of one cluster
+    (:mod:`.hosts`); they stay in the returned URL.
+
     Raises:
-        ConfigError: not ``amqp``/``amqps``, or no ``queue`` parameter.
+        ConfigError: not ``amqp``/``amqps``, a malformed host list, or no ``queue``
+            parameter.
 
     Example:
         >>> parse_url("amqps://u:p@h:5671/v?queue=posts")
         ('posts', 'amqps://u:p@h:5671/v')
         >>> parse_url("amqp://h/?heartbeat=5&queue=a&queue=b")
         ('b', 'amqp://h/?heartbeat=5')
+        >>> parse_url("amqp://u:p@h1:5672,h2:5672/?queue=posts")
+        ('posts', 'amqp://u:p@h1:5672,h2:5672/')
     """
+    hosts = BrokerHosts.parse(url)  # the scheme and every host:port, checked
     parts = urlsplit(url)
-    if parts.scheme not in ("amqp", "amqps"):
-        raise ConfigError(f"queue {url!r}: expected an amqp:// or amqps:// URL")
     query = parse_qsl(parts.query, keep_blank_values=True)
     names = [value for name, value in query if name == "queue"]
     if not names or not names[-1].strip():
+        nodes = ",".join(str(a) for a in hosts.addresses)
         raise ConfigError(
-            f"queue {parts.scheme}://{parts.hostname or ''}{parts.path}: the URL names no queue "
-            "(add ?queue=NAME)"
+            f"queue {hosts.scheme}://{nodes}{parts.path}: the URL names no queue (add ?queue=NAME)"
         )
     rest = urlencode([(name, value) for name, value in query if name != "queue"])
     return names[-1].strip(), urlunsplit(parts._replace(query=rest))
@@ -204,9 +210,7 @@ class Topology:
             "x-dead-letter-routing-key": self.name,
         }
 
-    async def declare(
-        self, connection: AbstractRobustConnection, channel: AbstractRobustChannel
-    ) -> None:
+    async def declare(self, connection: AbstractConnection, channel: AbstractChannel) -> None:
         """Declare the queue and its dead-letter queue unless they exist already.
 
         An existing queue is used as it is, whatever its arguments (a changed
