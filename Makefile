@@ -32,6 +32,11 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null; } \
 			|| echo "could not install postfix: the real-Postfix tests will skip"; \
 	fi
+	@if ! dpkg -s rabbitmq-server 2>/dev/null | grep -q '^Status: install ok installed' && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's rabbitmq-server package (the broker tests; the cluster tests start private nodes of it on loopback)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null; } \
+			|| echo "could not install rabbitmq-server: the broker, cluster and broker-fault tests will skip"; \
+	fi
 
 # Postfix's smtp-source load generator and smtp-sink (the native ceiling) for make bench.
 bench-deps:
@@ -68,7 +73,7 @@ bench: venv bench-deps
 	$(PY) bench/run.py
 
 chaos: venv
-	CHAOS_PROFILE=long $(PY) -m pytest -q -p no:cacheprovider -m chaos tests/chaos -s
+	CHAOS_PROFILE=long $(PY) -m pytest -q -p no:cacheprovider -m chaos tests/chaos tests/test_amqp_cluster.py -s
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

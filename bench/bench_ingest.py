@@ -1,6 +1,6 @@
-"""Ingest throughput: messages/s through `serve` vs a bare and a naive durable aiosmtpd server.
+"""Ingest throughput: messages/s through `serve` vs Postfix, a bare and a naive aiosmtpd server.
 
-Three servers, each in its own process on 127.0.0.1, measured in the same run:
+These servers, each in its own process on 127.0.0.1, measured in the same run:
 
 - ``maildefer``: the real ``Server`` with a handler that ``await Queue(...).push(message)``
   (durable: file and directory fsync'd before the 250; group commit across sessions), on
@@ -8,7 +8,11 @@ Three servers, each in its own process on 127.0.0.1, measured in the same run:
   issue 7);
 - ``bare``: aiosmtpd on asyncio whose handler only returns 250 (the ceiling of this stack);
 - ``naive``: aiosmtpd whose handler writes each message with its own fsyncs (file, then
-  directory) in a thread, one ``to_thread`` per message.
+  directory) in a thread, one ``to_thread`` per message;
+- ``postfix``: a private Postfix instance (``bench/postfix_instance.py``) that queues each
+  message durably and then discards it: what an operator would otherwise put in front of a
+  script, the anchor maildefer has to match. Left out, with the reason on stderr, when it
+  cannot run (not installed, not root).
 
 Every server runs in alternating rounds (all in one order, then in the reverse order),
 each round half of the messages, so that the shared machine's drift and the state of the
@@ -19,7 +23,7 @@ connections, and without: one connection per message). Without ``/usr/sbin/smtp-
 (Debian package ``postfix``) an asyncio client does the same and says so on stderr.
 Postfix's ``smtp-sink`` (same package; it answers and discards, in C) driven the same way
 is the native ceiling: one more figure, with maildefer's ratio to it. This script
-installs nothing.
+installs nothing (``make bench-deps`` installs the package).
 
 Usage: ``python bench/bench_ingest.py [--quick]``; one JSON object per figure on stdout.
 """
@@ -41,6 +45,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import postfix_instance  # noqa: E402
+
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SESSIONS = 10
@@ -228,7 +236,11 @@ def _start_sink(port: int) -> subprocess.Popen[bytes]:
         except KeyError:
             user = "nobody"
         argv += ["-u", user]
-    proc = subprocess.Popen([*argv, f"127.0.0.1:{port}", "1000"], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*argv, f"127.0.0.1:{port}", "1000"],
+        stdout=subprocess.DEVNULL,
+        preexec_fn=postfix_instance.die_with_parent,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -246,6 +258,8 @@ def measure(kind: str, messages: int, keep: bool) -> tuple[int, float]:
     """Run ``kind``'s server and send ``messages`` through it: (messages, seconds)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
     port = _free_port()
+    if kind == "postfix":
+        return _measure_postfix(port, messages, keep, workdir)
     if kind == "sink":
         proc = _start_sink(port)
     else:
@@ -253,6 +267,7 @@ def measure(kind: str, messages: int, keep: bool) -> tuple[int, float]:
             [sys.executable, __file__, "--child", kind, "--port", str(port), "--dir", str(workdir)],
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
+            preexec_fn=postfix_instance.die_with_parent,
         )
     try:
         if kind != "sink":
@@ -265,6 +280,19 @@ def measure(kind: str, messages: int, keep: bool) -> tuple[int, float]:
         proc.terminate()
         proc.wait(timeout=60)
         shutil.rmtree(workdir, ignore_errors=True)
+    return messages, seconds
+
+
+def _measure_postfix(port: int, messages: int, keep: bool, workdir: Path) -> tuple[int, float]:
+    """A fresh private Postfix per round, like the other servers' fresh processes."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    instance = postfix_instance.PostfixInstance(port)
+    try:
+        instance.start()
+        drive(port, min(50, messages), keep)  # warm-up
+        seconds = drive(port, messages, keep)
+    finally:
+        instance.stop()
     return messages, seconds
 
 
@@ -298,12 +326,17 @@ def main() -> None:
             f"{SMTP_SOURCE} not found (Debian package: postfix); using an asyncio client",
             file=sys.stderr,
         )
+    postfix_missing = postfix_instance.missing()
+    if postfix_missing is not None:
+        print(f"no Postfix figure: {postfix_missing}", file=sys.stderr)
     for keep in (True, False):
         mode = "kept" if keep else "reconnect"
         kinds = ["bare", "naive"]
         # The native ceiling needs smtp-source too: the asyncio client would be the limit.
         if client == "smtp-source" and os.path.exists(SMTP_SINK):
             kinds.insert(0, "sink")
+        if postfix_missing is None:
+            kinds.insert(1 if "sink" in kinds else 0, "postfix")
         kinds += ["maildefer", "maildefer_uvloop"]
         # Every server in alternating rounds (one order, then the reverse), each round
         # half of the messages: the shared machine's drift hits all of them alike.
@@ -338,6 +371,18 @@ def main() -> None:
                 "> 1x: uvloop is the default (auto)",
             ),
         ]
+        if "postfix" in rates:
+            # The anchor: a durable queue in C that operators already run. Goal: match it.
+            figures[:0] = [(f"postfix_{mode}", rates["postfix"], None, None)]
+            figures += [
+                (f"maildefer_{mode}_vs_postfix", rates["maildefer"], "postfix", ">= 1x Postfix"),
+                (
+                    f"maildefer_uvloop_{mode}_vs_postfix",
+                    rates["maildefer_uvloop"],
+                    "postfix",
+                    ">= 1x Postfix",
+                ),
+            ]
         if "sink" in rates:
             figures[:0] = [(f"smtp_sink_{mode}", rates["sink"], None, None)]
             figures.append(

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 from maildefer import reply, view
+from maildefer.auth import AuthResults, authenticated
 from maildefer.errors import Retry, SMTPError
 from maildefer.lifespan import resources
 from maildefer.mail import MailRequest, MailResponse
@@ -37,12 +38,14 @@ from maildefer.queue import Queue
 from maildefer.routing import Router, route, route_like, stateless
 
 __all__ = [
+    "AuthResults",
     "MailRequest",
     "MailResponse",
     "Queue",
     "Retry",
     "Router",
     "SMTPError",
+    "authenticated",
     "reply",
     "resources",
     "route",

@@ -28,6 +28,8 @@ from email.parser import BytesParser
 from functools import cached_property
 from pathlib import Path
 
+from maildefer.auth import AuthResults
+
 
 @dataclass(eq=False)
 class MailRequest:
@@ -45,8 +47,10 @@ class MailRequest:
         queued_at: in a worker, when the message was first queued (Unix time, the first
             ``push``, not the latest retry); ``None`` in ``serve`` or when unknown (a file
             another program dropped in with a name that carries no time).
+        auth: the SPF/DKIM/DMARC verdicts (``serve`` with ``[auth] verify = true``);
+            ``None`` where no verification ran (:mod:`maildefer.auth`).
 
-    The worker sets the last three on the message of each claim.
+    The worker sets ``key``, ``attempt`` and ``queued_at`` on the message of each claim.
 
     Example:
         >>> m = MailRequest(b"\\n", mail_from="a@x.org", rcpt_tos=["b@y.org", "c@y.org"])
@@ -72,6 +76,7 @@ class MailRequest:
     key: str | None = None
     attempt: int | None = None
     queued_at: float | None = None
+    auth: AuthResults | None = None
 
     def __post_init__(self) -> None:
         if not self.rcpt_to and self.rcpt_tos:
@@ -169,11 +174,53 @@ class MailRequest:
                 return payload.decode("utf-8", errors="replace")
         return ""
 
+    @property
+    def head(self) -> bytes:
+        """The header section as received, through the empty line that ends it.
+
+        Example:
+            >>> MailRequest(b"A: 1\\r\\n\\r\\nbody\\r\\n").head
+            b'A: 1\\r\\n\\r\\n'
+        """
+        raw = self.raw
+        return raw[: header_end(raw)]
+
+    def replace_head(self, new_head: bytes) -> None:
+        """Make the message ``new_head`` followed by the body (what is stored and pushed).
+
+        Example:
+            >>> m = MailRequest(b"A: 1\\n\\nbody\\n")
+            >>> m.replace_head(b"X: 0\\nA: 1\\n\\n"); m.raw, m["X"]
+            (b'X: 0\\nA: 1\\n\\nbody\\n', '0')
+        """
+        raw = self.raw
+        self.raw = new_head + raw[header_end(raw) :]
+        self._forget_parsed()
+
+    def _forget_parsed(self) -> None:
+        for name in ("email", "_legacy", "_headers"):
+            self.__dict__.pop(name, None)
+
     def __repr__(self) -> str:
         return (
             f"<MailRequest from={self.mail_from!r} to={self.rcpt_to!r} "
             f"rcpts={len(self.rcpt_tos)} bytes={len(self.raw)}>"
         )
+
+
+def header_end(raw: bytes) -> int:
+    """Where the header section of ``raw`` ends: after its empty line (or at the end).
+
+    Example:
+        >>> header_end(b"A: 1\\r\\n\\r\\nbody"), header_end(b"\\nbody"), header_end(b"A: 1")
+        (8, 1, 4)
+    """
+    if raw[:1] == b"\n" or raw[:2] == b"\r\n":
+        return 1 if raw[:1] == b"\n" else 2
+    crlf = raw.find(b"\n\r\n")
+    end = len(raw) if crlf < 0 else crlf + 3
+    lf = raw.find(b"\n\n", 0, end)  # only before it: a CRLF message is not scanned twice
+    return end if lf < 0 else lf + 2
 
 
 def _decode_legacy_header(value: str) -> str:

@@ -54,6 +54,7 @@ from typing import Any
 
 import structlog
 
+from maildefer.auth import check_requirement
 from maildefer.errors import NoRouteError, RoutingError, SMTPError
 from maildefer.lifespan import LifespanHook, Lifespans, bind_resources, module_lifespan
 from maildefer.logs import sanitize
@@ -370,6 +371,8 @@ class Router:
         groups = chosen.groups(message.rcpt_to) or {}
         log = structlog.get_logger("maildefer.routing")
         try:
+            # @authenticated: refused before the handler runs (maildefer/auth.py).
+            check_requirement(fn, message)
             if chosen.module in self._resources:
                 # What the module's lifespan yielded, for resources() in its handlers.
                 with bind_resources(self._resources[chosen.module]):

@@ -16,10 +16,12 @@ Example:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import tomllib
 from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +33,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -70,6 +73,80 @@ class ServerSettings(BaseModel):
     smtputf8: bool = True
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # PROXY protocol (maildefer/smtp/proxy.py): behind HAProxy or a cloud load balancer,
+    # the client's own address comes in a header, believed only from these peers.
+    proxy_protocol: bool = False
+    trusted_proxies: list[IPv4Network | IPv6Network] = Field(
+        default_factory=lambda: [ip_network("127.0.0.1/32")]
+    )
+    proxy_timeout: float = Field(default=5.0, gt=0, description="seconds for the header")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        """Each entry an IPv4 or IPv6 network, or one address; host bits set is an error.
+
+        Example:
+            >>> ServerSettings(trusted_proxies=["10.0.0.0/8", "2001:db8::1"]).trusted_proxies
+            [IPv4Network('10.0.0.0/8'), IPv6Network('2001:db8::1/128')]
+        """
+        if not isinstance(value, list | tuple):
+            return value  # pydantic says "a list was expected"
+        networks = []
+        for item in value:
+            try:
+                if not isinstance(item, str | IPv4Network | IPv6Network):
+                    raise TypeError("not a string")  # ip_network(3) would be 0.0.0.3
+                networks.append(ip_network(item))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"{item!r} is not an IP network ({exc}); expected networks like"
+                    " '10.0.0.0/8' or '2001:db8::/32', or single addresses"
+                ) from None
+        return networks
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _some_proxy(
+        cls, value: list[IPv4Network | IPv6Network], info: ValidationInfo
+    ) -> list[IPv4Network | IPv6Network]:
+        if info.data.get("proxy_protocol") and not value:
+            raise ValueError("empty: with proxy_protocol = true no connection could be accepted")
+        return value
+
+    # Disk guard (docs/reliability.md R8): below this many bytes free on a queue's
+    # filesystem, MAIL FROM gets 452 4.3.1. None: 2 x max_message_size (Postfix's
+    # queue_minfree advice, 1.5-2 x the size limit); 0 turns the guard off.
+    min_free_space: int | None = Field(default=None, ge=0)
+
+    @property
+    def min_free_bytes(self) -> int:
+        """The disk guard's threshold in bytes (``min_free_space``, or its default).
+
+        Example:
+            >>> ServerSettings(max_message_size=10_000).min_free_bytes
+            20000
+            >>> ServerSettings(min_free_space=0).min_free_bytes
+            0
+        """
+        if self.min_free_space is None:
+            return 2 * self.max_message_size
+        return self.min_free_space
+
+    # Bounded memory under big mail (docs/operations.md, "Memory and the spool"): message
+    # bytes held in memory across all sessions, and the size past which one is spooled.
+    memory_budget: int = Field(default=67_108_864, ge=1_048_576)
+    spool_threshold: int = Field(default=1_048_576, ge=65_536)
+    spool_dir: Path | None = None  # None: the tmp/ of the first maildir queue, else $TMPDIR
+
+    @model_validator(mode="after")
+    def _spool_threshold_within_budget(self) -> ServerSettings:
+        if self.spool_threshold > self.memory_budget:
+            raise ValueError(
+                f"spool_threshold ({self.spool_threshold}) must not exceed memory_budget"
+                f" ({self.memory_budget})"
+            )
+        return self
 
 
 class RouterSettings(BaseModel):
@@ -168,6 +245,11 @@ class QueueSettings(BaseModel):
     # one syncfs(2) (group commit; it flushes the whole filesystem), "fsync" each file on
     # its own; "auto" is syncfs on Linux >= 5.8 unless shared_fs, else fsync.
     sync: Literal["auto", "fsync", "syncfs"] = "auto"
+    # An amqp queue: seconds one connection attempt to one broker node may take, and a
+    # publisher confirm may take. While no node answers, a push fails within about
+    # connect_timeout per node (serve answers 451), well under an SMTP client's timeout.
+    connect_timeout: float = Field(default=5.0, gt=0)
+    publish_timeout: float = Field(default=10.0, gt=0)
 
 
 class UndeliverableSettings(BaseModel):
@@ -244,6 +326,72 @@ class RuntimeSettings(BaseModel):
     loop: LoopName = "auto"
 
 
+def nameserver_address(text: str) -> tuple[str, int]:
+    """A ``[auth] nameservers`` entry as (IP address, port): ``"host"`` or ``"host:port"``.
+
+    The host is an IP address (a name would need a resolver of its own); IPv6 with a
+    port is written in brackets.
+
+    Raises:
+        ValueError: not an IP address, or a bad port.
+
+    Example:
+        >>> nameserver_address("127.0.0.1:5353"), nameserver_address("[::1]:53")
+        (('127.0.0.1', 5353), ('::1', 53))
+        >>> nameserver_address("2001:db8::1"), nameserver_address("9.9.9.9")
+        (('2001:db8::1', 53), ('9.9.9.9', 53))
+    """
+    host, port = text.strip(), "53"
+    if host.startswith("["):
+        host, sep, after = host[1:].partition("]")
+        if not sep or (after and not after.startswith(":")):
+            raise ValueError(f"{text!r}: expected [IPv6] or [IPv6]:port")
+        port = after[1:] or port
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: expected an IP address, optionally with :port") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: the port must be 1-65535")
+    return str(address), int(port)
+
+
+class AuthSettings(BaseModel):
+    """``[auth]``: SPF, DKIM and DMARC checked on every message ``serve`` receives.
+
+    ``timeout`` bounds all the DNS lookups of one message together (past it, what is
+    still unknown is ``temperror``); it must stay under ``[server] handler_timeout``.
+    Messages over ``max_verify_size`` bytes are not DKIM-verified (``dkim=permerror``):
+    the verifier holds a few copies of the message in memory.
+
+    Example:
+        >>> AuthSettings(verify=True, nameservers=["127.0.0.1:5353"]).timeout
+        5.0
+        >>> AuthSettings(nameservers=["dns.example"])
+        Traceback (most recent call last):
+        ...
+        pydantic_core._pydantic_core.ValidationError: 1 validation error for AuthSettings
+        nameservers
+          Value error, 'dns.example': expected an IP address, optionally with :port ...
+    """
+
+    model_config = _STRICT
+
+    verify: bool = False
+    nameservers: list[str] = Field(default_factory=list)
+    timeout: float = Field(default=5.0, gt=0)
+    max_verify_size: int = Field(default=10_485_760, ge=0)
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers_parse(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            nameserver_address(entry)
+        return value
+
+
 class Settings(BaseSettings):
     """All of ``settings.toml``, with ``MAILDEFER_<SECTION>__<KEY>`` overrides.
 
@@ -273,6 +421,24 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @field_validator("auth")
+    @classmethod
+    def _auth_within_handler_timeout(cls, auth: AuthSettings, info: ValidationInfo) -> AuthSettings:
+        # The checks run before the handlers, inside the same DATA: a DNS timeout as long
+        # as the handlers' would let a dead resolver stall every message past it.
+        server = info.data.get("server")
+        if (
+            auth.verify
+            and isinstance(server, ServerSettings)
+            and auth.timeout >= server.handler_timeout
+        ):
+            raise ConfigError(
+                f"auth.timeout = {auth.timeout!r}: must be less than server.handler_timeout"
+                f" ({server.handler_timeout!r})"
+            )
+        return auth
 
     @field_validator("relay")
     @classmethod

@@ -18,6 +18,7 @@ import pytest
 import structlog
 from helpers.broker import BROKER
 from helpers.ops import Notify
+from helpers.rabbit_cluster import rabbit_cluster, rabbit_node  # noqa: F401 (fixtures)
 from helpers.smarthost import Cert, make_cert
 
 from maildefer import logs

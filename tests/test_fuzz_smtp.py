@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers.dns_server import dns_server
 from helpers.smtp_server import RawClient, make_settings, queued, running, write_handlers
 
 from maildefer.mail import MailRequest
@@ -142,6 +143,7 @@ class Ledger:
     """What the fuzzer saw: acknowledged messages, ones in doubt, counters, failures."""
 
     seed: int
+    stamped: bool = False  # [auth] verify on: serve puts Authentication-Results on top
     acked: Counter[Record] = field(default_factory=Counter)
     in_doubt: Counter[Record] = field(default_factory=Counter)
     stats: Counter[str] = field(default_factory=Counter)
@@ -151,6 +153,7 @@ class Ledger:
     history: dict[str, list[str]] = field(default_factory=dict)  # what happened to a DATA
 
     def records(self, content: bytes, mail_from: str, rcpts: list[str]) -> list[Record]:
+        content = as_stored(content, self.stamped)
         digest = hashlib.sha256(content).hexdigest()
         self.contents[digest] = content
         return [(digest, mail_from, tuple(rcpts), rcpt) for rcpt in rcpts]
@@ -505,6 +508,7 @@ class Serve:
     root: Path
     port: int
     proc: subprocess.Popen[bytes]
+    stamped: bool = False
 
     def fds(self) -> list[str]:
         out = []
@@ -521,8 +525,24 @@ class Serve:
         return out
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
+@pytest.fixture(
+    params=[
+        pytest.param(False, id="verify-off"),
+        # The same fuzzing with SPF/DKIM/DMARC on every message, against a DNS server of
+        # the test's own on 127.0.0.1 (every name NXDOMAIN): nothing leaves the machine.
+        pytest.param(True, id="verify-on", marks=pytest.mark.slow),
+    ]
+)
+def serve(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Serve]:
+    with contextlib.ExitStack() as stack:
+        auth = ""
+        if request.param:
+            nameserver = stack.enter_context(dns_server()).nameserver
+            auth = f'[auth]\nverify = true\nnameservers = ["{nameserver}"]\ntimeout = 2.0\n'
+        yield from _serve(tmp_path, auth)
+
+
+def _serve(tmp_path: Path, auth: str) -> Iterator[Serve]:
     port = free_port()
     (tmp_path / "config").mkdir()
     (tmp_path / "fuzz_handler.py").write_text(HANDLER)
@@ -534,7 +554,7 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
         "[router]\n"
         'defaults = { host = "example\\\\.com" }\n'
         "[logging]\n"
-        'format = "json"\n'
+        'format = "json"\n' + auth
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILDEFER_")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(tmp_path)])
@@ -554,7 +574,7 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             assert time.monotonic() < deadline, "serve did not listen within 20 s"
             time.sleep(0.05)
-        yield Serve(tmp_path, port, proc)
+        yield Serve(tmp_path, port, proc, stamped=bool(auth))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -580,12 +600,36 @@ def settle_fds(serve: Serve, baseline: list[str], within: float = 10.0) -> list[
         time.sleep(0.05)
 
 
-def record_of(m: MailRequest) -> Record:
-    return hashlib.sha256(m.raw).hexdigest(), m.mail_from, tuple(m.rcpt_tos), m.rcpt_to
+AUTH_HEADER = b"Authentication-Results: mx.fuzz;"
 
 
-def stored(queue: Path) -> Counter[Record]:
-    return Counter(record_of(request_from_file(p.read_bytes())) for p in (queue / "new").iterdir())
+def as_stored(content: bytes, stamped: bool) -> bytes:
+    """What serve with ``[auth] verify`` keeps of ``content`` under its header: all of it
+    but leading lines that start with whitespace (they would fold into that header)."""
+    while stamped and content[:1] in (b" ", b"\t"):
+        end = content.find(b"\n")
+        content = b"" if end < 0 else content[end + 1 :]
+    return content
+
+
+def unstamped(raw: bytes) -> bytes:
+    """A stored message without the Authentication-Results field serve put on top."""
+    assert raw.startswith(AUTH_HEADER), raw[:100]
+    pos = raw.find(b"\n") + 1
+    while raw[pos : pos + 1] == b"\t":  # its continuation lines
+        pos = raw.find(b"\n", pos) + 1
+    return raw[pos:]
+
+
+def record_of(m: MailRequest, stamped: bool = False) -> Record:
+    raw = unstamped(m.raw) if stamped else m.raw
+    return hashlib.sha256(raw).hexdigest(), m.mail_from, tuple(m.rcpt_tos), m.rcpt_to
+
+
+def stored(queue: Path, stamped: bool = False) -> Counter[Record]:
+    return Counter(
+        record_of(request_from_file(p.read_bytes()), stamped) for p in (queue / "new").iterdir()
+    )
 
 
 def explain(record: Record, got: Counter[Record], ledger: Ledger, queue: Path) -> str:
@@ -595,7 +639,7 @@ def explain(record: Record, got: Counter[Record], ledger: Ledger, queue: Path) -
     text = f"{record[1:]} sent {sent[:300]!r} {ledger.history.get(record[0])}"
     for path in (queue / "new").iterdir():
         m = request_from_file(path.read_bytes())
-        if record_of(m) in same:
+        if record_of(m, ledger.stamped) in same:
             text += f"; stored {m.raw[:300]!r}"
     return text
 
@@ -617,10 +661,10 @@ def test_data_outcome_model() -> None:
 def test_fuzz_serve(serve: Serve) -> None:
     seed = int(os.environ.get("FUZZ_SEED") or random.randrange(2**32))
     print(f"FUZZ_SEED={seed} FUZZ_SECONDS={FUZZ_SECONDS:g}")
-    ledger = Ledger(seed)
+    ledger = Ledger(seed, stamped=serve.stamped)
     assert deliver(serve.port, "warm-up")[0] == 250
     ledger.acked.update(
-        stored(serve.root / "run" / "posts")
+        stored(serve.root / "run" / "posts", serve.stamped)
     )  # the warm-up message, as the server stored it
     baseline = settle_fds(serve, serve.fds())
 
@@ -651,7 +695,7 @@ def test_fuzz_serve(serve: Serve) -> None:
     assert not ledger.failures, "\n".join(ledger.failures[:20])
     queue = serve.root / "run" / "posts"
     assert os.listdir(queue / "tmp") == [], f"seed={seed}: tmp/ debris"
-    got = stored(queue)
+    got = stored(queue, serve.stamped)
     missing = ledger.acked - got
     assert not missing, f"seed={seed}: {sum(missing.values())} acknowledged messages not " + (
         f"stored, e.g. {explain(next(iter(missing)), got, ledger, queue)}"

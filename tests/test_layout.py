@@ -47,6 +47,7 @@ CORE = frozenset(
         "relay",
         "view",  # handlers render replies with it, so it is core
         "reply",
+        "auth",  # what handlers read (message.auth, @authenticated); no DNS
     )
 )
 # What each layer may import, besides itself. "queue", "ops"... stand for every module of

@@ -255,3 +255,25 @@ async def test_starttls_offered_and_no_auth(
         with contextlib.suppress(Exception):
             await client.close()
     assert [m.rcpt_to for m in queued(project / "run" / "posts")] == ["tls@example.com"]
+
+
+async def test_shutdown_right_after_a_tls_client_quits(
+    project: Path, handlers: str, certificate: tuple[Path, Path]
+) -> None:
+    """The 421 on shutdown skips a TLS transport already closing (it raised AttributeError)."""
+    import aiosmtplib
+
+    cert, key = certificate
+    settings = make_settings(project, handlers, tls_cert=str(cert), tls_key=str(key))
+    async with running(settings) as server:
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        smtp = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=server.port, tls_context=context, start_tls=False
+        )
+        await smtp.connect()
+        await smtp.starttls()
+        await smtp.sendmail("a@b.org", ["tls@example.com"], MSG)
+        await smtp.quit()
+        # shutdown() runs at once on leaving the block, while the TLS close is under way
+    assert [m.rcpt_to for m in queued(project / "run" / "posts")] == ["tls@example.com"]

@@ -14,6 +14,12 @@ the reply instead of refusing the post. The reply is rendered from
 alternative, autoescaped) by ``maildefer.reply``, which also threads it (``Re:``,
 ``In-Reply-To``, ``References``) and sends none to the null sender, to list or bulk mail,
 to mailer-daemons or to mail that is itself automatic (RFC 3834).
+
+Only authentic posts are published: ``@authenticated("dmarc")`` refuses, with
+``550 5.7.1``, a post whose ``From:`` domain DMARC does not confirm (a ``451`` when DNS
+could not tell, so the sender retries). It applies with ``[auth] verify = true`` in
+``config/settings.toml``; with verification off (the default, for the tutorial's local
+``maildefer send``) every post is taken, and ``serve`` says so at start.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from maildefer import MailRequest, MailResponse, Queue, reply, route, route_like
+from maildefer import MailRequest, MailResponse, Queue, authenticated, reply, route, route_like
 
 # Relative to the working directory: run `serve` and `worker` from the project root.
 POSTS_QUEUE = "run/posts"
@@ -54,6 +60,7 @@ async def defer(message: MailRequest, post_name: str, host: str) -> str:
 
 
 @route("(post_name)@(host)")
+@authenticated("dmarc")
 async def START(message: MailRequest, post_name: str, host: str) -> Callable[..., Any]:
     """A sender's first post."""
     await defer(message, post_name, host)
@@ -61,6 +68,7 @@ async def START(message: MailRequest, post_name: str, host: str) -> Callable[...
 
 
 @route_like(START)
+@authenticated("dmarc")
 async def POSTING(message: MailRequest, post_name: str, host: str) -> Callable[..., Any]:
     """Every later post of a sender who already posted."""
     await defer(message, post_name, host)

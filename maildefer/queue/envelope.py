@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from maildefer.errors import CorruptMessageError
 from maildefer.mail import MailRequest, MailResponse, addresses_from_headers
+from maildefer.queue.spooled import SpooledContent, SpooledMailRequest
 
 if TYPE_CHECKING:
     from maildefer.queue.backend import Pushable
@@ -461,13 +462,7 @@ def message_parts(message: Pushable) -> tuple[bytes, Envelope]:
         ('', ['bcc@y.org'])
     """
     if isinstance(message, MailRequest):
-        return message.raw, Envelope(
-            message.mail_from,
-            list(message.rcpt_tos),
-            message.peer,
-            message.received_at,
-            message.rcpt_to,
-        )
+        return message.raw, _request_envelope(message)
     if isinstance(message, MailResponse):
         # Its own envelope, not header_envelope(): Bcc is in no header of the bytes.
         return message.as_bytes(), Envelope(message.mail_from, message.rcpt_tos, "", time.time())
@@ -483,6 +478,80 @@ def message_parts(message: Pushable) -> tuple[bytes, Envelope]:
     # No SMTP envelope: take it from the headers, as a file dropped into new/ would be read
     # (the same rule, so pushing a file's bytes and dropping the file in agree).
     return raw, header_envelope(raw, received_at=time.time())
+
+
+def _request_envelope(message: MailRequest) -> Envelope:
+    return Envelope(
+        message.mail_from,
+        list(message.rcpt_tos),
+        message.peer,
+        message.received_at,
+        message.rcpt_to,
+    )
+
+
+def push_parts(message: Pushable) -> tuple[bytes | SpooledContent, Envelope]:
+    """:func:`message_parts`, but a spooled message stays in its file (a maildir streams it).
+
+    Example:
+        >>> import tempfile
+        >>> f = tempfile.NamedTemporaryFile(); _ = f.write(b"A: 1\\n\\nbig\\n"); f.flush()
+        >>> m = SpooledMailRequest(SpooledContent(f.name, b"A: 1\\n\\n", 6, 4), rcpt_tos=["b@y"])
+        >>> content, env = push_parts(m)
+        >>> content.size, env.rcpt_tos, push_parts(b"\\n")[0]
+        (10, ['b@y'], b'\\n')
+        >>> f.close()
+    """
+    if isinstance(message, SpooledMailRequest) and message.content is not None:
+        return message.content, _request_envelope(message)
+    return message_parts(message)
+
+
+class FilePayload:
+    """A queued file's contents whose message is in a spool file: record, then the message.
+
+    Built on the event loop, used in a writer thread: :meth:`prefix` may hash the file.
+
+    Args:
+        content: the spooled message.
+        envelope: its envelope.
+
+    Example:
+        >>> import tempfile
+        >>> f = tempfile.NamedTemporaryFile(); _ = f.write(b"A: 1\\n\\nbig\\n"); f.flush()
+        >>> env = Envelope("a@x", ["b"])
+        >>> payload = FilePayload(SpooledContent(f.name, b"A: 1\\n\\n", 6, 4), env)
+        >>> payload.prefix() + payload.content.read() == wrap(b"A: 1\\n\\nbig\\n", env)
+        True
+        >>> f.close()
+    """
+
+    __slots__ = ("content", "envelope")
+
+    def __init__(self, content: SpooledContent, envelope: Envelope) -> None:
+        self.content = content
+        self.envelope = envelope
+
+    def prefix(self) -> bytes:
+        """The envelope record :func:`wrap` would write before this message (blocking)."""
+        content, envelope = self.content, self.envelope
+        # The first line's ending: from the head, or (a header section too long to be
+        # kept in memory) from the start of the file.
+        start = content.head or next(content.chunks(65536), b"")
+        digest = content.sha256().encode("ascii")
+        return _prefix(content.size, digest, _encode(envelope), envelope.mail_from, _eol(start))
+
+
+def wrap_payload(raw: bytes | SpooledContent, envelope: Envelope) -> bytes | FilePayload:
+    """:func:`wrap` for what :func:`push_parts` gives: bytes, or a :class:`FilePayload`.
+
+    Example:
+        >>> wrap_payload(b"\\n", Envelope("a@x", ["b"])) == wrap(b"\\n", Envelope("a@x", ["b"]))
+        True
+    """
+    if isinstance(raw, SpooledContent):
+        return FilePayload(raw, envelope)
+    return wrap(raw, envelope)
 
 
 def request_from_file(data: bytes) -> MailRequest:

@@ -1,14 +1,16 @@
 """The SMTP policy: who is accepted at RCPT, where DATA goes, connection caps, replies.
 
 Everything here goes through aiosmtpd's *public* handler API: the ``handle_EHLO``,
-``handle_RCPT`` and ``handle_DATA`` hooks and the :class:`~aiosmtpd.smtp.Session` and
-:class:`~aiosmtpd.smtp.Envelope` they are given. The protocol engine, which needs
-aiosmtpd's internals, is :mod:`maildefer.smtp.session`. A listener shares one
-:class:`DeliveryPolicy` (the aiosmtpd "handler") and one :class:`SessionTracker` between
-all its connections.
+``handle_MAIL``, ``handle_RCPT`` and ``handle_DATA`` hooks and the
+:class:`~aiosmtpd.smtp.Session` and :class:`~aiosmtpd.smtp.Envelope` they are given. The
+protocol engine, which needs aiosmtpd's internals, is :mod:`maildefer.smtp.session`. A
+listener shares one :class:`DeliveryPolicy` (the aiosmtpd "handler") and one
+:class:`SessionTracker` between all its connections.
 
 What aiosmtpd does not do and this module adds (docs/reliability.md R23-R31):
 
+- MAIL FROM: ``452 4.3.1`` while the queues' disk is nearly full (the
+  :class:`~maildefer.smtp.diskguard.DiskGuard`, R8); the sender is recorded only otherwise.
 - RCPT: an address no route matches gets ``550 5.1.1``; past ``max_recipients``,
   ``452 4.5.3``. Nothing is ever relayed.
 - DATA: the handlers run once per accepted recipient, *concurrently* (their pushes share
@@ -37,10 +39,14 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from maildefer.errors import NoRouteError, SMTPError
 from maildefer.logs import sanitize
 from maildefer.mail import MailRequest
+from maildefer.queue.spooled import SpooledMailRequest
 from maildefer.settings import ServerSettings
+from maildefer.smtp.diskguard import DiskGuard, announced_size
+from maildefer.smtp.spool import spooled_content
 
 if TYPE_CHECKING:
     from maildefer.ops.metrics import Metrics
+    from maildefer.smtp.authcheck import AuthChecker
 
 # One logger name for the whole SMTP side (policy and session), as before the split.
 log = structlog.get_logger("maildefer.smtp")
@@ -167,6 +173,10 @@ class DeliveryPolicy:
         per_recipient: deliver once per accepted recipient (the router), or once per
             message (the log server).
         metrics: counts refused recipients and times the handlers (optional).
+        disk_guard: refuses MAIL FROM with ``452 4.3.1`` while the queues' disk is
+            nearly full (docs/reliability.md R8; optional).
+        auth: checks SPF/DKIM/DMARC on each message before its handlers run, for
+            ``message.auth`` and the ``Authentication-Results`` header (``[auth] verify``).
 
     Example:
         >>> import asyncio, io, types
@@ -192,6 +202,8 @@ class DeliveryPolicy:
     settings: ServerSettings
     per_recipient: bool = True
     metrics: Metrics | None = None
+    disk_guard: DiskGuard | None = None
+    auth: AuthChecker | None = None
 
     async def handle_EHLO(
         self,
@@ -215,6 +227,45 @@ class DeliveryPolicy:
         # With the 5-argument hook aiosmtpd leaves recording the greeting to us.
         session.host_name = hostname
         return [r for r in responses if not r[4:].startswith("AUTH")]
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        """MAIL FROM: ``452 4.3.1`` while the disk guard says the message would not fit.
+
+        aiosmtpd has checked the syntax and ``SIZE`` against ``max_message_size`` (552)
+        before this hook; with the hook, recording the sender is ours to do.
+
+        Example:
+            >>> import asyncio, types
+            >>> env = types.SimpleNamespace(mail_from=None, mail_options=[])
+            >>> full = DiskGuard(["/"], min_free=2**62)
+            >>> p = DeliveryPolicy(AcceptAll(), ServerSettings(hostname="h"), disk_guard=full)
+            >>> asyncio.run(p.handle_MAIL(None, None, env, "a@b", ["SIZE=100"]))
+            '452 4.3.1 Error: insufficient system storage'
+            >>> env.mail_from is None  # not recorded: the client must MAIL again
+            True
+            >>> p.disk_guard = None
+            >>> asyncio.run(p.handle_MAIL(None, None, env, "a@b", ["SIZE=100"]))
+            '250 OK'
+            >>> env.mail_from, env.mail_options
+            ('a@b', ['SIZE=100'])
+        """
+        guard = self.disk_guard
+        if guard is not None:
+            refusal = guard.refusal(announced_size(mail_options))
+            if refusal is not None:
+                if self.metrics is not None:
+                    self.metrics.message_refused(452)
+                return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"  # aiosmtpd's own reply when there is no hook
 
     async def handle_RCPT(
         self,
@@ -266,12 +317,20 @@ class DeliveryPolicy:
         started = time.monotonic()
         peer = session.peer
         raw: bytes = envelope.original_content or b""
-        request = MailRequest(
-            raw,
-            mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",  # null sender
-            rcpt_tos=list(envelope.rcpt_tos),
-            peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or ""),
+        spooled = spooled_content(envelope)  # a large message: in a spool file, not in raw
+        mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from or ""  # null sender
+        rcpt_tos = list(envelope.rcpt_tos)
+        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        request = (
+            MailRequest(raw, mail_from=mail_from, rcpt_tos=rcpt_tos, peer=client)
+            if spooled is None
+            else SpooledMailRequest(spooled, mail_from=mail_from, rcpt_tos=rcpt_tos, peer=client)
         )
+        if self.auth is not None:
+            # [auth] verify: message.auth and the Authentication-Results header, before
+            # any handler sees the message (maildefer/smtp/authcheck.py).
+            ip = str(peer[0]) if isinstance(peer, tuple) else None
+            await self.auth.apply(request, ip=ip, helo=session.host_name)
         if self.metrics is None:
             replies = await self._deliver(request)
         else:
@@ -288,7 +347,7 @@ class DeliveryPolicy:
             "message",
             mail_from=sanitize(envelope.mail_from),
             rcpts=len(request.rcpt_tos),
-            size=len(raw),
+            size=len(raw) if spooled is None else spooled.size,
             code=int(code) if code.isdigit() else code,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
@@ -391,8 +450,11 @@ class SessionTracker:
         """How many sessions are open (the class example shows it counting)."""
         return len(self.sessions)
 
-    def admit(self, session: TrackedSession, ip: str) -> str | None:
+    def admit(self, session: TrackedSession, ip: str | None) -> str | None:
         """Register a new session; the refusal reply if a cap is reached.
+
+        ``ip=None`` counts it toward ``max_connections`` only, until :meth:`readmit` gives
+        its address (a PROXY-protocol connection: its peer is the proxy, not the client).
 
         Example:
             >>> t = SessionTracker(max_connections=5, max_per_ip=1)
@@ -405,13 +467,32 @@ class SessionTracker:
             return "421 4.3.2 Service shutting down"
         if len(self.sessions) >= self.max_connections:
             return "421 4.7.0 Error: too many connections"
-        if self.per_ip.get(ip, 0) >= self.max_per_ip:
+        if ip is not None and self.per_ip.get(ip, 0) >= self.max_per_ip:
             return "421 4.7.0 Error: too many connections from your address"
         self.sessions.add(session)
+        if ip is not None:
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return None
+
+    def readmit(self, session: TrackedSession, ip: str) -> str | None:
+        """Count a session admitted with ``ip=None`` under ``ip``; the refusal at the cap.
+
+        Example:
+            >>> t = SessionTracker(max_per_ip=1); a, b = object(), object()
+            >>> t.admit(a, None), t.admit(b, None), t.count, t.per_ip
+            (None, None, 2, {})
+            >>> t.readmit(a, "203.0.113.7"), t.readmit(b, "203.0.113.7")
+            (None, '421 4.7.0 Error: too many connections from your address')
+            >>> t.per_ip  # b is still counted under no address, until it is released
+            {'203.0.113.7': 1}
+        """
+        assert session in self.sessions
+        if self.per_ip.get(ip, 0) >= self.max_per_ip:
+            return "421 4.7.0 Error: too many connections from your address"
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         return None
 
-    def release(self, session: TrackedSession, ip: str) -> None:
+    def release(self, session: TrackedSession, ip: str | None) -> None:
         """Forget a closed session (one never admitted is ignored).
 
         Example:
@@ -426,10 +507,10 @@ class SessionTracker:
         if session not in self.sessions:
             return
         self.sessions.discard(session)
-        left = self.per_ip.get(ip, 1) - 1
-        if left > 0:
+        left = self.per_ip.get(ip, 1) - 1 if ip is not None else 0
+        if ip is not None and left > 0:
             self.per_ip[ip] = left
-        else:
+        elif ip is not None:
             self.per_ip.pop(ip, None)
         if not self.sessions and self._empty is not None:
             self._empty.set()

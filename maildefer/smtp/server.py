@@ -69,13 +69,16 @@ from maildefer.ops.systemd import Notifier
 from maildefer.queue.config import QueueRegistry
 from maildefer.queue.maildir import MaildirQueue
 from maildefer.settings import Settings
-from maildefer.smtp.policy import RecipientRouter, SessionTracker
+from maildefer.smtp.diskguard import DiskGuard
+from maildefer.smtp.policy import DeliveryPolicy, RecipientRouter, SessionTracker
 from maildefer.smtp.session import smtp_factory
+from maildefer.smtp.spool import Spool, spool_for
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
     from maildefer.ops.metrics import Metrics
+    from maildefer.smtp.authcheck import AuthChecker
 
 log = structlog.get_logger("maildefer.server")
 
@@ -159,6 +162,8 @@ class Server:
         self.tracker = SessionTracker(
             max_connections=server.max_connections, max_per_ip=server.max_connections_per_ip
         )
+        self.disk_guard = self._build_disk_guard()
+        self.spool: Spool | None = None  # made by start()
         self.on_ready: Callable[[], object] | None = None
         self._sockets = list(sockets or [])
         self._per_recipient = per_recipient
@@ -167,6 +172,7 @@ class Server:
         self._activation: contextlib.AbstractContextManager[QueueRegistry] | None = None
         self._state_close: Callable[[], None] | None = None
         self._lifespan: AbstractAsyncContextManager[object] | None = None
+        self._auth: AuthChecker | None = None
         self._started = 0.0
         self._lifecycle = Lifecycle(
             self.status_line, notifier, on_force=self._abort_sessions, log=log
@@ -196,6 +202,51 @@ class Server:
                 f" {_total(self.metrics.refused)} refused"
             )
         return text
+
+    def _build_disk_guard(self) -> DiskGuard | None:
+        """R8: free space on every maildir queue's filesystem, ``None`` if turned off.
+
+        Example:
+            >>> Server(Settings(server={"min_free_space": 0})).disk_guard is None
+            True
+        """
+        settings = self.settings
+        paths = [queue.path for queue in settings.queues.values()]
+        paths.append(settings.undeliverable.path)
+        if settings.server.spool_dir is not None:  # else the spool is a queue's tmp/
+            paths.append(str(settings.server.spool_dir))
+        guard = DiskGuard(
+            (settings.resolve(p) for p in paths if "://" not in p),  # a broker guards its own
+            settings.server.min_free_bytes,
+        )
+        return guard if guard.enabled else None
+
+    def _build_auth(self) -> AuthChecker | None:
+        """``[auth] verify``: the checker every message goes through; ``None`` when off.
+
+        Off, handlers that require authentication (``@authenticated``) run unchecked:
+        said once, at start, as ``auth_not_verified``.
+        """
+        if not self.settings.auth.verify:
+            from maildefer.auth import requirement_of
+            from maildefer.routing import Router
+
+            router = self.router
+            required = sorted(
+                {
+                    h.qualified
+                    for r in (router.routes() if isinstance(router, Router) else [])
+                    for h in r.handlers
+                    if requirement_of(h.function) is not None
+                }
+            )
+            if required:
+                log.warning("auth_not_verified", handlers=required, setting="auth.verify")
+            return None
+        # Imported here: dkimpy, pyspf and the public suffix list only load when used.
+        from maildefer.smtp.authcheck import AuthChecker
+
+        return AuthChecker.from_settings(self.settings)
 
     def _build_router(self) -> RecipientRouter:
         # Imported here: routing imports the handler modules' dependencies, and a server
@@ -232,6 +283,8 @@ class Server:
         # aiosmtpd logs every command at INFO through stdlib logging, peer strings
         # unsanitized; our own structured lines replace it.
         logging.getLogger("mail.log").setLevel(logging.ERROR)
+        # The memory budget every session shares, and where large messages are spooled.
+        self.spool = spool_for(self.settings)
         factory = smtp_factory(
             server,
             self.router,
@@ -239,7 +292,21 @@ class Server:
             tls_context=context,
             per_recipient=self._per_recipient,
             metrics=self.metrics,
+            spool=self.spool,
         )
+        if self.disk_guard is not None:
+            # smtp_factory builds the one DeliveryPolicy every session shares (the first
+            # argument of the partial it returns); the guard is attached to it here.
+            policy = getattr(factory, "args", (None,))[0]
+            if not isinstance(policy, DeliveryPolicy):
+                raise TypeError("smtp_factory no longer passes a DeliveryPolicy first")
+            policy.disk_guard = self.disk_guard
+        self._auth = self._build_auth()
+        if self._auth is not None:
+            policy = getattr(factory, "args", (None,))[0]
+            if not isinstance(policy, DeliveryPolicy):
+                raise TypeError("smtp_factory no longer passes a DeliveryPolicy first")
+            policy.auth = self._auth
         # The listener is created in a private context holding the active registry:
         # every accepted session and every handler task copies it from there.
         self._context = contextvars.copy_context()
@@ -292,6 +359,7 @@ class Server:
             port=self.port,
             lmtp=server.lmtp,
             starttls=context is not None,
+            proxy_protocol=server.proxy_protocol,
             loop=loops.running_loop_name(),
         )
 
@@ -397,7 +465,12 @@ class Server:
             await lifespan.__aexit__(None, None, None)
         if self.metrics is not None:
             await self.metrics.stop_http()
+        if self._auth is not None:
+            self._auth.close()
+            self._auth = None
         await self.registry.close()
+        if self.spool is not None:
+            self.spool.close()  # its threads end (no session is left to spool)
         if self._state_close is not None:
             self._state_close()
             self._state_close = None

@@ -19,7 +19,8 @@ pyproject.toml; tests/test_smtp_session.py runs our code against aiosmtpd's own 
 same inputs, and a failure there after an aiosmtpd upgrade means re-checking this list.
 
 - Overridden, each calling aiosmtpd's through ``super()``: ``_handle_client()`` (the task
-  ``connection_made`` starts; we bind its log context), ``_timeout_cb()`` (the idle
+  ``connection_made`` starts; we bind its log context and, with ``proxy_protocol``, read
+  the PROXY header before aiosmtpd's greeting), ``_timeout_cb()`` (the idle
   timer's callback; we re-arm it while the handlers run or the DATA deadline lies ahead,
   and say ``421``), ``_getaddr(arg)`` (the MAIL/RCPT path parser, ``(address, rest)`` or
   ``(None, None)``; we add a fast path and catch the stdlib parser's crashes),
@@ -28,7 +29,9 @@ same inputs, and a failure there after an aiosmtpd upgrade means re-checking thi
   ``_handle_client`` and ``smtp_HELP`` (which also calls ``.items()``); wrapped in
   :class:`_CommandTable`.
 - ``_timeout_duration`` (the ``timeout=`` argument, read), ``_timeout_handle`` (the armed
-  ``TimerHandle``, replaced when we re-arm), ``_reset_timeout()`` (called after DATA).
+  ``TimerHandle``, replaced when we re-arm, cancelled while a PROXY header is awaited),
+  ``_reset_timeout()`` (called after DATA and after the PROXY header). STARTTLS makes a
+  new ``session`` with the transport's ``peer``: ``connection_made`` puts a PROXY client back.
 - ``_reader`` (the ``StreamReader`` our DATA loop reads with ``readuntil`` and ``read``),
   ``_writer`` (closed when DATA is cancelled, as aiosmtpd does), ``_set_post_data_state()``
   (a new envelope after DATA), ``_handle_hooks`` and ``_decode_data`` (read: does our DATA
@@ -54,6 +57,7 @@ from aiosmtpd.smtp import MISSING, SMTP
 
 from maildefer.logs import sanitize
 from maildefer.settings import ServerSettings
+from maildefer.smtp.diskguard import announced_size
 from maildefer.smtp.policy import (
     REPLY_TEMPFAIL,
     DeliveryPolicy,
@@ -61,6 +65,8 @@ from maildefer.smtp.policy import (
     SessionTracker,
     combine,
 )
+from maildefer.smtp.proxy import ProxyGate
+from maildefer.smtp.spool import REPLY_NO_STORAGE, MessageSink, Spool, attach, default_spool
 
 if TYPE_CHECKING:
     from maildefer.ops.metrics import Metrics
@@ -163,6 +169,7 @@ class SMTPSession(SMTP):
         *,
         settings: ServerSettings,
         tls_context: ssl.SSLContext | None = None,
+        spool: Spool | None = None,
     ) -> None:
         junk = dict.fromkeys(_JUNK, JUNK_COMMAND_LIMIT)
         super().__init__(
@@ -186,10 +193,13 @@ class SMTPSession(SMTP):
         self._phase = _Phase.COMMAND
         self._data_deadline = 0.0
         self._refused = False
-        self._ip = ""
+        self._ip: str | None = ""  # the address counted per IP (None: a PROXY header awaited)
+        self._proxy = ProxyGate.of(settings)  # None: proxy_protocol off
+        self._client: tuple[str, int] | None = None  # the one a PROXY header named
         self._session_id = ""
         self._shutdown_pending = False
         self._metrics = policy.metrics
+        self._spool = spool if spool is not None else default_spool(settings)
         # 354 sent: the next reply ends this DATA (250, a handler's refusal, 552...).
         self._awaiting_data_reply = False
 
@@ -204,13 +214,20 @@ class SMTPSession(SMTP):
         """Admit the connection under the caps, or answer 421 and close it."""
         if self.transport is not None:  # STARTTLS: the same session, a new transport
             super().connection_made(transport)
+            if self._client is not None and self.session is not None:
+                self.session.peer = self._client  # type: ignore[assignment]  # not the proxy
             return
         peer = transport.get_extra_info("peername")
-        self._ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        # Behind a proxy, counted per IP once the PROXY header names the client.
+        self._ip = address if self._proxy is None else None
+        if self._proxy is not None and not self._proxy.admits(address, transport):
+            self._refused = True
+            return
         refusal = self._tracker.admit(self, self._ip)
         if refusal is not None:
             self._refused = True
-            log.info("connection_refused", peer=sanitize(self._ip), reply=refusal)
+            log.info("connection_refused", peer=sanitize(address), reply=refusal)
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(refusal.encode("ascii") + b"\r\n")
             transport.close()
@@ -268,15 +285,39 @@ class SMTPSession(SMTP):
         text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         # This task's context is its own copy: the binding stays with this session.
         structlog.contextvars.bind_contextvars(session=self._session_id, peer=sanitize(text))
+        if self._proxy is not None and not await self._proxy_header(self._proxy):
+            return
         log.debug("connected")
         await super()._handle_client()
+
+    async def _proxy_header(self, gate: ProxyGate) -> bool:
+        """The PROXY header, before any greeting: its client is the peer; ``False``: closed."""
+        assert self.session is not None and isinstance(self.transport, asyncio.WriteTransport)
+        if self._timeout_handle is not None:  # the header has its own, shorter deadline;
+            self._timeout_handle.cancel()  # aiosmtpd's timer would say 421 on the way out
+        header = await gate.read(self._reader, self.transport)
+        if header is None:  # refused (logged) and closed
+            return False
+        proxy = self.session.peer
+        ip = header.client[0] if header.client else str(proxy[0] if proxy else "")
+        if refusal := self._tracker.readmit(self, ip):
+            log.info("connection_refused", peer=sanitize(ip), reply=refusal)
+            self.transport.write(refusal.encode("ascii") + b"\r\n")
+            self.transport.close()
+            return False
+        self._ip, self._client = ip, header.client
+        if header.client is not None:
+            self.session.peer = header.client  # type: ignore[assignment]
+        self._reset_timeout()
+        return True
 
     def close_for_shutdown(self) -> None:
         """Tell an idle client the service is going away, and close (a busy one: after DATA)."""
         if self.busy:
             self._shutdown_pending = True
             return
-        if isinstance(self.transport, asyncio.WriteTransport):
+        # A closing TLS transport (the client quit just now) raises on write: skip it.
+        if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
             self.transport.write(b"421 4.3.2 Service shutting down\r\n")
             self.transport.close()
 
@@ -389,7 +430,9 @@ class SMTPSession(SMTP):
         ``500`` and over ``data_size_limit`` bytes is ``552``, both answered after the
         terminator. aiosmtpd's loop joins every line twice into a bytearray and logs it at
         debug level; a 4 KiB message has about 50 lines, and this loop costs half as much
-        (tests/test_smtp_session.py compares the two on the same byte streams).
+        (tests/test_smtp_session.py compares the two on the same byte streams). Ours keeps
+        memory bounded (spool.py): a large message is spooled as it arrives, and a spool
+        that cannot be written is ``452 4.3.1`` after the terminator.
         """
         if await self.check_helo_needed():
             return
@@ -403,9 +446,20 @@ class SMTPSession(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        # The bytes go to the sink: in memory under the budget, else spooled (spool.py);
+        # closing it, however DATA ends, releases the budget and removes the spool file.
+        sink = self._spool.sink()
+        try:
+            await self._receive_data(sink)
+        finally:
+            sink.close()
+
+    async def _receive_data(self, sink: MessageSink) -> None:
+        """The DATA loop of :meth:`_smtp_data`, its reply, and the handlers in between."""
+        assert self.envelope is not None
         reader = self._reader
         readuntil = reader.readuntil
-        data: list[bytes] = []
+        data, mark = sink.lines, sink.mark
         fragments: list[bytes] = []  # the pieces of a line longer than the reader's limit
         num_bytes = 0
         limit = self.data_size_limit
@@ -423,14 +477,14 @@ class SMTPSession(SMTP):
                 # Longer than the reader's limit: drain it, answer 500 after the terminator.
                 if state is _DataState.NOMINAL:
                     state = _DataState.TOO_LONG
-                data.clear()
+                sink.discard()
                 line = await reader.read(exc.consumed)
             if not fragments and line == b".\r\n":
                 break
             num_bytes += len(line)
             if state is _DataState.NOMINAL and limit and num_bytes > limit:
                 state = _DataState.TOO_MUCH
-                data.clear()
+                sink.discard()
             if fragments or not line.endswith(b"\r\n"):
                 fragments.append(line)
                 if not line.endswith(b"\r\n"):
@@ -440,10 +494,13 @@ class SMTPSession(SMTP):
             if state is _DataState.NOMINAL:
                 if len(line) > line_limit:
                     state = _DataState.TOO_LONG
-                    data.clear()
+                    sink.discard()
                 else:
                     # RFC 5321 4.5.2: a leading dot was added by the client; drop it.
                     data.append(line[1:] if line[:1] == b"." else line)
+                    if num_bytes > mark:  # once per budget step, not per line
+                        await sink.overflow(num_bytes)
+                        mark = sink.mark
         if state is not _DataState.NOMINAL:
             if state is _DataState.TOO_LONG:
                 await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
@@ -452,15 +509,24 @@ class SMTPSession(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
         assert not fragments  # a line cut off only by a lost connection, which cancels us
-        original_content = b"".join(data)
-        data.clear()
-        self.envelope.content = original_content
-        self.envelope.original_content = original_content
+        content = await sink.finish()
+        if content is None:  # the spool could not be written: nothing is stored
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(REPLY_NO_STORAGE)
+            return
+        attach(self.envelope, content)  # bytes, or a spool file the policy hands on
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command == "MAIL":
+            # RFC 1870: a SIZE= that cannot be spooled is refused before the data is sent.
+            refusal = self._spool.size_refusal(announced_size(args[1]))
+            if refusal is not None:
+                if self._metrics is not None:
+                    self._metrics.message_refused(452)
+                return refusal
         if command != "DATA":
             return await super()._call_handler_hook(command, *args)
         self._phase = _Phase.HANDLER
@@ -485,6 +551,7 @@ def smtp_factory(
     tls_context: ssl.SSLContext | None = None,
     per_recipient: bool = True,
     metrics: Metrics | None = None,
+    spool: Spool | None = None,
 ) -> Callable[[], SMTPSession]:
     """The protocol factory for ``loop.create_server``: one session per connection.
 
@@ -495,6 +562,8 @@ def smtp_factory(
         tls_context: offer STARTTLS with this context.
         per_recipient: deliver once per recipient (the router) or once per message.
         metrics: where to count messages and refusals and time the handlers.
+        spool: the memory budget and spool directory every session shares (default:
+            :func:`~maildefer.smtp.spool.default_spool` of ``settings``).
 
     Example:
         >>> import asyncio, io
@@ -526,4 +595,5 @@ def smtp_factory(
     """
     policy = DeliveryPolicy(router, settings, per_recipient=per_recipient, metrics=metrics)
     cls = LMTPSession if settings.lmtp else SMTPSession
-    return partial(cls, policy, tracker, settings=settings, tls_context=tls_context)
+    shared = spool if spool is not None else default_spool(settings)
+    return partial(cls, policy, tracker, settings=settings, tls_context=tls_context, spool=shared)

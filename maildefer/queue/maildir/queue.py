@@ -48,7 +48,7 @@ from pathlib import Path
 from maildefer.errors import ConfigError, CorruptMessageError, QueueError
 from maildefer.mail import MailRequest
 from maildefer.queue.backend import BuryReason, Claim, Pushable, QueueOptions, RecoveryReport
-from maildefer.queue.envelope import message_parts, request_from_file, wrap
+from maildefer.queue.envelope import push_parts, request_from_file, wrap_payload
 from maildefer.queue.keys import NameGenerator, escape_host, key_time
 from maildefer.queue.maildir import recovery
 from maildefer.queue.maildir.feed import MaildirFeed, WatchFactory
@@ -159,8 +159,8 @@ class MaildirQueue(MaildirStore):
             >>> (q.dir("new") / key).exists()
             True
         """
-        raw, envelope = message_parts(message)
-        data = wrap(raw, envelope)
+        raw, envelope = push_parts(message)  # a spooled message stays in its file
+        data = wrap_payload(raw, envelope)
         self.ensure()
         # The queue's writer thread writes and fsyncs each file and shares one new/
         # fsync across every push waiting with it (group commit; see writer.py).
@@ -181,8 +181,8 @@ class MaildirQueue(MaildirStore):
             >>> q.claim_sync(key).message["Subject"]
             'from a script'
         """
-        raw, envelope = message_parts(message)
-        data = wrap(raw, envelope)
+        raw, envelope = push_parts(message)  # a spooled message stays in its file
+        data = wrap_payload(raw, envelope)
         self.ensure()
         return self._writer.write_blocking(data)
 

@@ -54,13 +54,16 @@ from typing import Literal
 
 from maildefer.errors import QueueError
 from maildefer.queue.backend import refuse_running_loop
+from maildefer.queue.envelope import FilePayload
 from maildefer.queue.keys import NameGenerator
-from maildefer.queue.maildir.handoff import PendingPush, hand_back, joined
+from maildefer.queue.maildir.files import write_payload
+from maildefer.queue.maildir.handoff import PendingPush, hand_back
 
 # Re-exported: the writer's OS-call seam (tests replace ``writer.sync_filesystem``), and
 # where the rest of the package has always found them.
 from maildefer.queue.maildir.syncfs import sync_filesystem as sync_filesystem
 from maildefer.queue.maildir.syncfs import syncfs_available as syncfs_available
+from maildefer.queue.maildir.writerthreads import WriterThreads
 
 WRITER_THREADS = 4
 """Writer threads per queue at most: enough file fsyncs in flight for ext4 to merge them."""
@@ -153,7 +156,7 @@ def replace_file(path: Path, data: bytes, *, sync: bool) -> None:
         raise
 
 
-class MaildirWriter:
+class MaildirWriter(WriterThreads):
     """Writes messages durably into a maildir's ``new/``, sharing the directory fsync.
 
     Args:
@@ -201,7 +204,7 @@ class MaildirWriter:
         self._stopping = False
         self._released = False
 
-    async def write(self, data: bytes) -> str:
+    async def write(self, data: bytes | FilePayload) -> str:
         """Store ``data`` as a new message; returns its key once it is durable.
 
         Raises:
@@ -220,7 +223,11 @@ class MaildirWriter:
             (b'Subject: x\\n\\n', [])
         """
         loop = asyncio.get_running_loop()
-        push = PendingPush(data, loop, loop.create_future())
+        push = (
+            _SpooledPush(data, loop, loop.create_future())
+            if isinstance(data, FilePayload)
+            else PendingPush(data, loop, loop.create_future())
+        )
         pid = os.getpid()
         with self._lock:
             if self._pid != pid:
@@ -270,11 +277,12 @@ class MaildirWriter:
                         return
                 push = pending.popleft()
             if not push.future.done():  # a push cancelled before we began is not written
+                data = push.payload if isinstance(push, _SpooledPush) else push.data
                 try:
                     if self.sync == "syncfs":
-                        push.tmp = self._create(push.data)  # synced and linked in the commit
+                        push.tmp = self._create(data)  # synced and linked in the commit
                     else:
-                        push.key = self.write_sync(push.data)
+                        push.key = self.write_sync(data)
                 except BaseException as exc:  # handed to the caller, never swallowed
                     push.error = exc
             with self._lock:
@@ -387,7 +395,7 @@ class MaildirWriter:
             unlink_quietly(self._new + str(push.key))
             push.key, push.error = None, error
 
-    def _create(self, data: bytes, *, sync: bool = False) -> str:
+    def _create(self, data: bytes | FilePayload, *, sync: bool = False) -> str:
         """Write ``data`` to a new file in tmp/ (O_EXCL), fsync'd if ``sync``; its path."""
         for _ in range(100):
             tmp = self._tmp + self._names.next_key()
@@ -399,7 +407,10 @@ class MaildirWriter:
                 raise self._error(exc) from exc
             try:
                 try:
-                    write_all(fd, data)
+                    if isinstance(data, FilePayload):
+                        write_payload(fd, data)  # copied from the spool file, not read
+                    else:
+                        write_all(fd, data)
                     if sync:
                         os.fsync(fd)
                 finally:
@@ -460,7 +471,7 @@ class MaildirWriter:
                     self._take_back(written, self._error(exc))
             hand_back(batch)
 
-    def write_sync(self, data: bytes) -> str:
+    def write_sync(self, data: bytes | FilePayload) -> str:
         """Write ``data`` into tmp/, fsync it, link it into new/; blocking; no dir fsync.
 
         Raises:
@@ -476,7 +487,7 @@ class MaildirWriter:
         """
         return self._link(self._create(data, sync=True))
 
-    def write_blocking(self, data: bytes) -> str:
+    def write_blocking(self, data: bytes | FilePayload) -> str:
         """Store ``data`` durably from synchronous code; its key once it is on disk.
 
         The calling thread does it all, in :meth:`write`'s order (file fsync'd, linked into
@@ -505,35 +516,6 @@ class MaildirWriter:
             raise self._error(exc) from exc
         return key
 
-    def release(self) -> None:
-        """Its queue is gone: each thread ends once no push waits, without waiting for more.
-
-        Never blocks, from any thread (a finalizer's); a later push still works.
-
-        Example:
-            >>> import asyncio, tempfile
-            >>> d = Path(tempfile.mkdtemp()); (d / "tmp").mkdir(); (d / "new").mkdir()
-            >>> writer = MaildirWriter(d, NameGenerator(host="h"), idle=60)
-            >>> key = asyncio.run(writer.write(b"a"))
-            >>> writer.release()  # MaildirQueue's finalizer, when the queue is dropped
-        """
-        self._released = True  # each thread reads it before it waits again
-        # A finalizer runs wherever the collector does, maybe in a thread holding this
-        # lock: never wait for it (idle threads end after IDLE_SECONDS anyway).
-        if self._lock.acquire(blocking=False):
-            try:
-                self._wake.notify_all()
-            finally:
-                self._lock.release()
-
-    def _stop(self) -> list[threading.Thread]:
-        """Ask the threads to end once the pushes waiting are done; the ones to wait for."""
-        with self._lock:
-            threads = list(self._threads) if self._pid == os.getpid() else []
-            self._stopping = True
-            self._wake.notify_all()
-        return threads
-
     def _stopped(self) -> None:
         with self._lock:
             # Threads started by a push made meanwhile keep running as usual.
@@ -543,43 +525,17 @@ class MaildirWriter:
                 fd, self._sync_fd = self._sync_fd, None
                 os.close(fd)
 
-    async def close(self) -> None:
-        """Finish the pushes in flight and stop the threads (a later push starts them again).
 
-        Example:
-            >>> import asyncio, tempfile
-            >>> d = Path(tempfile.mkdtemp()); (d / "tmp").mkdir(); (d / "new").mkdir()
-            >>> writer = MaildirWriter(d, NameGenerator(host="h"), idle=60)
-            >>> async def demo():
-            ...     await writer.write(b"a"); await writer.close()
-            ...     key = await writer.write(b"b")  # the threads start again
-            ...     await writer.close()
-            ...     mine = f"maildefer-writer:{d.name}:"
-            ...     alive = [t for t in threading.enumerate() if t.name.startswith(mine)]
-            ...     return (d / "new" / key).exists(), alive
-            >>> asyncio.run(demo())
-            (True, [])
-        """
-        threads = self._stop()
-        if threads:
-            await joined(threads)
-        self._stopped()
+class _SpooledPush(PendingPush):
+    """A push of a spooled message (``serve``): its payload in place of bytes."""
 
-    def close_sync(self) -> None:
-        """:meth:`close` for synchronous code: blocks until the threads have ended.
+    __slots__ = ("payload",)
 
-        Example:
-            >>> import asyncio, tempfile
-            >>> d = Path(tempfile.mkdtemp()); (d / "tmp").mkdir(); (d / "new").mkdir()
-            >>> writer = MaildirWriter(d, NameGenerator(host="h"), idle=60)
-            >>> key = asyncio.run(writer.write(b"a")); writer.close_sync()
-            >>> mine = f"maildefer-writer:{d.name}:"
-            >>> [t for t in threading.enumerate() if t.name.startswith(mine)]
-            []
-        """
-        for thread in self._stop():
-            thread.join()
-        self._stopped()
+    def __init__(
+        self, payload: FilePayload, loop: asyncio.AbstractEventLoop, future: asyncio.Future[str]
+    ) -> None:
+        super().__init__(b"", loop, future)
+        self.payload = payload
 
 
 def write_all(fd: int, data: bytes) -> None:
