@@ -475,6 +475,21 @@ class Settings(BaseSettings):
         p = Path(path)
         return p if p.is_absolute() else self.root / p
 
+    def undeliverable_ref(self) -> str:
+        """Where buried messages go: an ``amqp://`` URL as written, else the resolved path.
+
+        :meth:`resolve` would fold a URL's ``//`` into a path, and the broker backend would
+        then fall back to ``NAME.undeliverable`` instead of the queue the URL names.
+
+        Example:
+            >>> Settings(root=Path("/srv/app")).undeliverable_ref()
+            '/srv/app/run/undeliverable'
+            >>> Settings(undeliverable={"path": "amqp://h/?queue=dead"}).undeliverable_ref()
+            'amqp://h/?queue=dead'
+        """
+        path = self.undeliverable.path
+        return path if "://" in path else str(self.resolve(path))
+
     def queue_settings(self, ref: str) -> QueueSettings:
         """The settings of a queue named by its table name, path or URL.
 

@@ -275,3 +275,34 @@ def test_status_shows_an_unreachable_broker_in_its_row(tmp_path: Path, run_cli: 
     checked = run_cli("status", "--max-depth", "10", cwd=root)
     assert checked.returncode == 1  # a check that cannot read its figures fails
     assert "FAILED posts: cannot reach the broker" in checked.stdout.decode()
+
+
+@needs_broker
+async def test_an_amqp_undeliverable_url_in_settings_names_the_dead_queue(
+    tmp_path: Path, amqp_url: str, raw: Any
+) -> None:
+    """``[undeliverable] path = "amqp://…?queue=D"``: buried mail goes to D, not NAME.undeliverable
+    (the URL was once folded into a path, and the broker backend fell back to the default)."""
+    from maildefer.errors import SMTPError
+    from maildefer.queue.config import backend_for
+    from maildefer.settings import Settings
+
+    name = parse_url(amqp_url)[0]
+    dead = f"{name}-dead"
+    settings = Settings(
+        root=tmp_path,
+        queues={"posts": {"path": amqp_url, "max_attempts": 5}},
+        undeliverable={"path": f"{BROKER}?queue={dead}"},
+    )
+    q = backend_for(settings, "posts")
+    try:
+        await q.push(MESSAGE.replace(b"Subject: s", b"Subject: doomed"))
+        worker = Worker(q, Handler(SMTPError(550, "5.7.1 no")))
+        await serve_until(worker, lambda: worker.stats.buried == 1)
+        assert await depth(raw, dead) == 1
+        assert await depth(raw, f"{name}.undeliverable") is None
+    finally:
+        await q.close()
+        channel = await raw.channel()
+        await channel.queue_delete(dead)
+        await channel.close()

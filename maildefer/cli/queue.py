@@ -125,7 +125,7 @@ async def _run_amqp(args: argparse.Namespace, settings: Settings, out: TextIO) -
     admin = AmqpAdmin(
         resolve_queue(settings, args.queue),
         # As backend_for gives the worker: the dead-letter queue it buries to.
-        undeliverable=settings.resolve(settings.undeliverable.path),
+        undeliverable=settings.undeliverable_ref(),
         options=queue_options(settings.queue_settings(args.queue)),
     )
     async with admin:

@@ -89,7 +89,7 @@ async def _broker_report(name: str, settings: Settings) -> BrokerReport:
     admin = AmqpAdmin(
         url,
         # As the worker's backend gets it (maildefer.queue.config.backend_for).
-        undeliverable=settings.resolve(settings.undeliverable.path),
+        undeliverable=settings.undeliverable_ref(),
         options=queue_options(settings.queues[name]),
         connect_timeout=BROKER_TIMEOUT,
     )

@@ -97,7 +97,7 @@ class QueueRegistry:
             'fsync'
         """
         return cls(
-            undeliverable=settings.resolve(settings.undeliverable.path),
+            undeliverable=settings.undeliverable_ref(),
             options={
                 resolve_queue(settings, name): queue_options(queue)
                 for name, queue in settings.queues.items()
@@ -235,5 +235,5 @@ def backend_for(settings: Settings, ref: str) -> QueueBackend:
     return open_backend(
         resolve_queue(settings, ref),
         options=queue_options(settings.queue_settings(ref)),
-        undeliverable=settings.resolve(settings.undeliverable.path),
+        undeliverable=settings.undeliverable_ref(),
     )

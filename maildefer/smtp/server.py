@@ -285,28 +285,16 @@ class Server:
         logging.getLogger("mail.log").setLevel(logging.ERROR)
         # The memory budget every session shares, and where large messages are spooled.
         self.spool = spool_for(self.settings)
-        factory = smtp_factory(
-            server,
+        self._auth = self._build_auth()
+        policy = DeliveryPolicy(
             self.router,
-            self.tracker,
-            tls_context=context,
+            server,
             per_recipient=self._per_recipient,
             metrics=self.metrics,
-            spool=self.spool,
+            disk_guard=self.disk_guard,
+            auth=self._auth,
         )
-        if self.disk_guard is not None:
-            # smtp_factory builds the one DeliveryPolicy every session shares (the first
-            # argument of the partial it returns); the guard is attached to it here.
-            policy = getattr(factory, "args", (None,))[0]
-            if not isinstance(policy, DeliveryPolicy):
-                raise TypeError("smtp_factory no longer passes a DeliveryPolicy first")
-            policy.disk_guard = self.disk_guard
-        self._auth = self._build_auth()
-        if self._auth is not None:
-            policy = getattr(factory, "args", (None,))[0]
-            if not isinstance(policy, DeliveryPolicy):
-                raise TypeError("smtp_factory no longer passes a DeliveryPolicy first")
-            policy.auth = self._auth
+        factory = smtp_factory(server, policy, self.tracker, tls_context=context, spool=self.spool)
         # The listener is created in a private context holding the active registry:
         # every accepted session and every handler task copies it from there.
         self._context = contextvars.copy_context()

@@ -61,7 +61,6 @@ from maildefer.smtp.diskguard import announced_size
 from maildefer.smtp.policy import (
     REPLY_TEMPFAIL,
     DeliveryPolicy,
-    RecipientRouter,
     SessionTracker,
     combine,
 )
@@ -69,7 +68,7 @@ from maildefer.smtp.proxy import ProxyGate
 from maildefer.smtp.spool import REPLY_NO_STORAGE, MessageSink, Spool, attach, default_spool
 
 if TYPE_CHECKING:
-    from maildefer.ops.metrics import Metrics
+    pass
 
 log = structlog.get_logger("maildefer.smtp")
 _aiosmtpd_log = logging.getLogger("mail.log")  # aiosmtpd's logger, for its DATA log line
@@ -147,7 +146,8 @@ class SMTPSession(SMTP):
         >>> from maildefer.smtp.policy import AcceptAll, SessionTracker
         >>> async def stop(how):  # an idle session told to go: what its client reads
         ...     tracker = SessionTracker()
-        ...     factory = smtp_factory(ServerSettings(hostname="h"), AcceptAll(), tracker)
+        ...     settings = ServerSettings(hostname="h")
+        ...     factory = smtp_factory(settings, DeliveryPolicy(AcceptAll(), settings), tracker)
         ...     server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
         ...     reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
         ...     await reader.readline()  # the 220 greeting
@@ -545,23 +545,20 @@ class LMTPSession(SMTPSession, LMTP):
 
 def smtp_factory(
     settings: ServerSettings,
-    router: RecipientRouter,
+    policy: DeliveryPolicy,
     tracker: SessionTracker,
     *,
     tls_context: ssl.SSLContext | None = None,
-    per_recipient: bool = True,
-    metrics: Metrics | None = None,
     spool: Spool | None = None,
 ) -> Callable[[], SMTPSession]:
     """The protocol factory for ``loop.create_server``: one session per connection.
 
     Args:
         settings: the ``[server]`` table (limits, hostname, ``lmtp``).
-        router: who is accepted at RCPT and where DATA goes (the router).
+        policy: the one aiosmtpd handler every session shares: who is accepted at RCPT,
+            where DATA goes, and the checks on the way (disk guard, sender authentication).
         tracker: the listener's session registry (caps, shutdown).
         tls_context: offer STARTTLS with this context.
-        per_recipient: deliver once per recipient (the router) or once per message.
-        metrics: where to count messages and refusals and time the handlers.
         spool: the memory budget and spool directory every session shares (default:
             :func:`~maildefer.smtp.spool.default_spool` of ``settings``).
 
@@ -570,7 +567,8 @@ def smtp_factory(
         >>> from maildefer import logs; logs.configure(stream=io.StringIO())
         >>> from maildefer.smtp.policy import AcceptAll, SessionTracker
         >>> async def talk(settings, *commands):  # one connection: what the server said
-        ...     factory = smtp_factory(settings, AcceptAll(), SessionTracker())
+        ...     policy = DeliveryPolicy(AcceptAll(), settings)
+        ...     factory = smtp_factory(settings, policy, SessionTracker())
         ...     server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
         ...     reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
         ...     writer.write(b"".join(c + b"\\r\\n" for c in commands))
@@ -593,7 +591,6 @@ def smtp_factory(
         250 2.0.0 Ok: queued
         221 Bye
     """
-    policy = DeliveryPolicy(router, settings, per_recipient=per_recipient, metrics=metrics)
     cls = LMTPSession if settings.lmtp else SMTPSession
     shared = spool if spool is not None else default_spool(settings)
     return partial(cls, policy, tracker, settings=settings, tls_context=tls_context, spool=shared)

@@ -194,7 +194,7 @@ class TestQueues:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = QueueRegistry(
-            undeliverable=settings.resolve(settings.undeliverable.path),
+            undeliverable=settings.undeliverable_ref(),
             options={
                 resolve_queue(settings, name): dataclasses.replace(
                     queue_options(queue), retry_delay=0.0, retry_max_delay=0.0
