@@ -475,3 +475,53 @@ def test_message_auth_survives_for_recipient() -> None:
     m = MailRequest(b"\r\n", rcpt_tos=["a@x", "b@x"], auth=results)
     assert m.for_recipient("b@x").auth is results
     assert sys.modules["maildefer"].AuthResults is AuthResults
+
+
+SPOOLED_HANDLERS = """
+from maildefer import Queue, route, stateless
+
+SEEN = []
+
+@route("(name)@(host)")
+@stateless
+async def START(message, name, host):
+    SEEN.append((type(message).__name__, message.auth))
+    await Queue("run/posts").push(message)
+"""
+
+
+async def test_a_spooled_message_is_verified_and_stamped_byte_exact(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dns: RunningDns,
+    dkim_key: tuple[bytes, str],
+) -> None:
+    """A message over the spool threshold lives on disk: DKIM still sees every byte, and
+    the header goes on top of the stored copy without the rest changing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = write_handlers(tmp_path, SPOOLED_HANDLERS)
+    line = "x" * 76 + "\r\n"
+    raw = signed(message(body=line * 30_000), dkim_key[0])  # 2.3 MB
+    settings = Settings(
+        root=tmp_path,
+        server={
+            "port": 0,
+            "hostname": HOSTNAME,
+            "handlers": [module],
+            "spool_threshold": 65_536,
+            "spool_dir": str(tmp_path / "spool"),
+        },
+        router={"defaults": {"host": r"example\.com"}},
+        auth={"verify": True, "nameservers": [dns.nameserver]},
+    )
+    async with running(settings) as server:
+        code, _ = await send(server.port or 0, raw)
+        assert code == 250
+    [(kind, auth)] = list(importlib.import_module(module).SEEN)
+    assert kind == "SpooledMailRequest"  # the path under test, not the in-memory one
+    assert auth is not None and (auth.spf, auth.dkim, auth.dmarc) == ("pass", "pass", "pass")
+    stored = queued(tmp_path / "run" / "posts")[0].raw
+    assert stored.startswith(b"Authentication-Results: mx.test;")
+    assert stored.endswith(b"\r\n" + raw) and stored.count(b"Authentication-Results:") == 1
+    assert list((tmp_path / "spool").iterdir()) == []  # the spool file went with the session
