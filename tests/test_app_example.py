@@ -108,6 +108,9 @@ def test_routes_command_lists_every_route(run_cli: RunCli) -> None:
     assert "app.handlers.posting.START" in out and "app.handlers.posting.POSTING" in out
     index_line = next(line for line in out.splitlines() if "app.handlers.index.START" in line)
     assert "stateless" in index_line
+    assert "requires" not in index_line  # a worker's handler: no sender check
+    posting = next(line for line in out.splitlines() if "app.handlers.posting.START" in line)
+    assert posting.endswith("requires dmarc")  # @authenticated("dmarc")
     assert r"(?P<host>example\.com)" in out  # defaults expanded
 
 

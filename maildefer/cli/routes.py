@@ -19,6 +19,7 @@ import argparse
 import sys
 from typing import TextIO
 
+from maildefer.auth import requirement_of
 from maildefer.cli import enter_project
 from maildefer.errors import ConfigError, RoutingError
 from maildefer.routing import Route, Router
@@ -66,8 +67,12 @@ def _router(settings: Settings, modules: list[str]) -> Router:
 def _describe(route: Route, out: TextIO) -> None:
     for handler in route.handlers:
         kind = "stateless" if handler.stateless else "stateful"
+        # @authenticated: the sender check serve makes before this handler runs.
+        requirement = requirement_of(handler.function)
+        needs = f"  requires {'+'.join(requirement.methods)}" if requirement else ""
         print(
-            f"  {handler.qualified:<40} {kind:<9} {route.pattern}  =>  {route.regex.pattern}",
+            f"  {handler.qualified:<40} {kind:<9} {route.pattern}  =>  {route.regex.pattern}"
+            f"{needs}",
             file=out,
         )
 
