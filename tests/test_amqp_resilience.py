@@ -292,6 +292,50 @@ async def test_a_dropped_connection_resubscribes_and_never_acks_on_the_new_chann
 
 
 @needs_broker
+async def test_a_consumer_the_broker_cancels_pauses_then_resumes_on_the_queue_again(
+    amqp_url: str, log_out: Any
+) -> None:
+    """Deleting the queue under a consumer makes the broker cancel it on a channel that
+    stays open: the worker must pause and consume again once the queue is back, never
+    sit alive with no consumer (aiormq only logs a warning)."""
+    name = amqp_url.rsplit("=", 1)[1]
+    q = AmqpQueue(amqp_url, connect_timeout=2)
+    ready = asyncio.Event()
+    claims = q.claims(prefetch=4, burst=False, ready=ready)
+    seen: list[Claim] = []
+
+    async def take() -> None:
+        async for claim in claims:
+            seen.append(claim)
+            await q.ack(claim)
+
+    reader = asyncio.create_task(take())
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        connection = await aio_pika.connect(BROKER, timeout=5)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(name)
+        await wait_for(lambda: not ready.is_set(), 10, "paused")
+        [paused] = named(log_out.getvalue(), "amqp_paused")
+        assert "cancelled by the broker" in paused["reason"]
+        # Another queue object declares the topology again and pushes.
+        pusher = AmqpQueue(amqp_url, connect_timeout=2)
+        try:
+            key = await pusher.push(b"Subject: back\r\n\r\n")
+        finally:
+            await pusher.close()
+        await wait_for(lambda: [c.key for c in seen] == [key], 15, "the message after")
+        assert ready.is_set() and len(named(log_out.getvalue(), "amqp_resumed")) == 1
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        await claims.aclose()
+        await q.close()
+
+
+@needs_broker
 @needs_rabbitmqctl
 async def test_push_after_a_dropped_connection_reconnects_by_itself(amqp_url: str) -> None:
     name = amqp_url.rsplit("=", 1)[1]

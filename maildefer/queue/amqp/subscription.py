@@ -9,7 +9,9 @@ network dropped) the channel's close callback wakes the reader, the subscription
 cleared, so its status says it is paused) and tries again, with a short capped backoff,
 for as long as it takes: once it has consumed, it never ends on its own (before that, a
 broker that refuses the credentials or the queue's declaration ends it with the error).
-Once a consumer is registered again it *resumes* (one ``amqp_resumed`` line; ``ready``
+A consumer the broker cancels on a live channel (its queue deleted) is treated the
+same way: that channel is closed and the subscription tries again until the queue is
+there. Once a consumer is registered again it *resumes* (one ``amqp_resumed`` line; ``ready``
 is set again).
 
 Messages buffered from a dead channel are dropped (the broker has requeued them: it
@@ -135,6 +137,9 @@ class Subscription:
                 current = None
                 self._consumers.drop(consumer)
                 self._pause(consumer.lost or "channel closed")
+                if not consumer.channel.is_closed:  # cancelled by the broker: a new one
+                    with contextlib.suppress(*BROKER_ERRORS):
+                        await consumer.channel.close()
         finally:
             if current is not None:
                 consumer, queue, tag = current
@@ -157,6 +162,12 @@ class Subscription:
         # Registered before consuming: a channel that dies at once still wakes the reader.
         channel.close_callbacks.add(
             lambda _channel, exc: consumer.channel_lost(_reason(exc)), weak=False
+        )
+        # The broker may cancel a consumer on a channel that stays open (its queue was
+        # deleted, say): without this the worker would stay alive with no consumer.
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(
+            lambda _frame: consumer.channel_lost("consumer cancelled by the broker")
         )
 
         async def deliver(message: AbstractIncomingMessage) -> None:
