@@ -525,3 +525,31 @@ async def test_a_spooled_message_is_verified_and_stamped_byte_exact(
     assert stored.startswith(b"Authentication-Results: mx.test;")
     assert stored.endswith(b"\r\n" + raw) and stored.count(b"Authentication-Results:") == 1
     assert list((tmp_path / "spool").iterdir()) == []  # the spool file went with the session
+
+
+async def test_spf_checks_the_client_a_trusted_proxy_names(
+    project: tuple[Path, str], dns: RunningDns
+) -> None:
+    """Behind a PROXY header, SPF sees the real client, not the proxy (127.0.0.1)."""
+    root, module = project
+    settings = Settings(
+        root=root,
+        server={"port": 0, "hostname": HOSTNAME, "handlers": [module], "proxy_protocol": True},
+        router={"defaults": {"host": r"example\.com"}},
+        auth={"verify": True, "nameservers": [dns.nameserver]},
+    )
+    raw = message(sender="mallory@spoofed.test") + b".\r\n"  # spoofed.test: only 192.0.2.1
+    async with running(settings) as server:
+        for client_ip in ("192.0.2.1", "198.51.100.9"):
+            client = await RawClient.connect(server.port or 0, greet=False)
+            await client.send(f"PROXY TCP4 {client_ip} 127.0.0.1 4242 25\r\n".encode())
+            assert (await client.reply())[0] == 220
+            assert (await client.cmd("EHLO client.example.test"))[0] == 250
+            code, _ = await client.transaction("mallory@spoofed.test", ["post@example.com"], raw)
+            assert code == 250
+            await client.cmd("QUIT")
+            await client.close()
+    [allowed, other] = seen(module)
+    assert allowed is not None and allowed.spf == "pass"  # 192.0.2.1 may send for it
+    assert other is not None and other.spf == "fail"  # and 198.51.100.9 may not
+    assert "smtp.mailfrom=mallory@spoofed.test" in allowed.header
