@@ -42,7 +42,7 @@ from maildefer.mail import MailRequest
 from maildefer.queue.spooled import SpooledMailRequest
 from maildefer.settings import ServerSettings
 from maildefer.smtp.diskguard import DiskGuard, announced_size
-from maildefer.smtp.spool import spooled_content
+from maildefer.smtp.spool import Spool, spooled_content
 
 if TYPE_CHECKING:
     from maildefer.ops.metrics import Metrics
@@ -177,6 +177,8 @@ class DeliveryPolicy:
             nearly full (docs/reliability.md R8; optional).
         auth: checks SPF/DKIM/DMARC on each message before its handlers run, for
             ``message.auth`` and the ``Authentication-Results`` header (``[auth] verify``).
+        spool: the memory budget and spool directory the sessions share; a ``SIZE=``
+            it cannot take is refused at MAIL FROM (``smtp_factory`` supplies a default).
 
     Example:
         >>> import asyncio, io, types
@@ -204,6 +206,7 @@ class DeliveryPolicy:
     metrics: Metrics | None = None
     disk_guard: DiskGuard | None = None
     auth: AuthChecker | None = None
+    spool: Spool | None = None
 
     async def handle_EHLO(
         self,
@@ -236,7 +239,7 @@ class DeliveryPolicy:
         address: str,
         mail_options: list[str],
     ) -> str:
-        """MAIL FROM: ``452 4.3.1`` while the disk guard says the message would not fit.
+        """MAIL FROM: ``452 4.3.1`` when the message would not fit (disk guard, spool).
 
         aiosmtpd has checked the syntax and ``SIZE`` against ``max_message_size`` (552)
         before this hook; with the hook, recording the sender is ours to do.
@@ -256,9 +259,13 @@ class DeliveryPolicy:
             >>> env.mail_from, env.mail_options
             ('a@b', ['SIZE=100'])
         """
-        guard = self.disk_guard
-        if guard is not None:
-            refusal = guard.refusal(announced_size(mail_options))
+        if self.disk_guard is not None or self.spool is not None:
+            size = announced_size(mail_options)
+            # RFC 1870: refused before the data is sent: the queues' disk (the guard), or
+            # a SIZE= larger than the spool it would be written to can take.
+            refusal = self.disk_guard.refusal(size) if self.disk_guard is not None else None
+            if refusal is None and self.spool is not None:
+                refusal = self.spool.size_refusal(size)
             if refusal is not None:
                 if self.metrics is not None:
                     self.metrics.message_refused(452)

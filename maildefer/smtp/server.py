@@ -293,8 +293,9 @@ class Server:
             metrics=self.metrics,
             disk_guard=self.disk_guard,
             auth=self._auth,
+            spool=self.spool,
         )
-        factory = smtp_factory(server, policy, self.tracker, tls_context=context, spool=self.spool)
+        factory = smtp_factory(server, policy, self.tracker, tls_context=context)
         # The listener is created in a private context holding the active registry:
         # every accepted session and every handler task copies it from there.
         self._context = contextvars.copy_context()

@@ -43,13 +43,14 @@ same inputs, and a failure there after an aiosmtpd upgrade means re-checking thi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import structlog
 from aiosmtpd.lmtp import LMTP
@@ -57,7 +58,6 @@ from aiosmtpd.smtp import MISSING, SMTP
 
 from maildefer.logs import sanitize
 from maildefer.settings import ServerSettings
-from maildefer.smtp.diskguard import announced_size
 from maildefer.smtp.policy import (
     REPLY_TEMPFAIL,
     DeliveryPolicy,
@@ -65,10 +65,7 @@ from maildefer.smtp.policy import (
     combine,
 )
 from maildefer.smtp.proxy import ProxyGate
-from maildefer.smtp.spool import REPLY_NO_STORAGE, MessageSink, Spool, attach, default_spool
-
-if TYPE_CHECKING:
-    pass
+from maildefer.smtp.spool import REPLY_NO_STORAGE, MessageSink, attach, default_spool
 
 log = structlog.get_logger("maildefer.smtp")
 _aiosmtpd_log = logging.getLogger("mail.log")  # aiosmtpd's logger, for its DATA log line
@@ -169,7 +166,6 @@ class SMTPSession(SMTP):
         *,
         settings: ServerSettings,
         tls_context: ssl.SSLContext | None = None,
-        spool: Spool | None = None,
     ) -> None:
         junk = dict.fromkeys(_JUNK, JUNK_COMMAND_LIMIT)
         super().__init__(
@@ -199,7 +195,7 @@ class SMTPSession(SMTP):
         self._session_id = ""
         self._shutdown_pending = False
         self._metrics = policy.metrics
-        self._spool = spool if spool is not None else default_spool(settings)
+        self._spool = policy.spool if policy.spool is not None else default_spool(settings)
         # 354 sent: the next reply ends this DATA (250, a handler's refusal, 552...).
         self._awaiting_data_reply = False
 
@@ -520,13 +516,6 @@ class SMTPSession(SMTP):
         await self.push("250 OK" if status is MISSING else status)
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
-        if command == "MAIL":
-            # RFC 1870: a SIZE= that cannot be spooled is refused before the data is sent.
-            refusal = self._spool.size_refusal(announced_size(args[1]))
-            if refusal is not None:
-                if self._metrics is not None:
-                    self._metrics.message_refused(452)
-                return refusal
         if command != "DATA":
             return await super()._call_handler_hook(command, *args)
         self._phase = _Phase.HANDLER
@@ -549,7 +538,6 @@ def smtp_factory(
     tracker: SessionTracker,
     *,
     tls_context: ssl.SSLContext | None = None,
-    spool: Spool | None = None,
 ) -> Callable[[], SMTPSession]:
     """The protocol factory for ``loop.create_server``: one session per connection.
 
@@ -559,8 +547,6 @@ def smtp_factory(
             where DATA goes, and the checks on the way (disk guard, sender authentication).
         tracker: the listener's session registry (caps, shutdown).
         tls_context: offer STARTTLS with this context.
-        spool: the memory budget and spool directory every session shares (default:
-            :func:`~maildefer.smtp.spool.default_spool` of ``settings``).
 
     Example:
         >>> import asyncio, io
@@ -592,5 +578,6 @@ def smtp_factory(
         221 Bye
     """
     cls = LMTPSession if settings.lmtp else SMTPSession
-    shared = spool if spool is not None else default_spool(settings)
-    return partial(cls, policy, tracker, settings=settings, tls_context=tls_context, spool=shared)
+    if policy.spool is None:  # the memory budget and spool directory every session shares
+        policy = dataclasses.replace(policy, spool=default_spool(settings))
+    return partial(cls, policy, tracker, settings=settings, tls_context=tls_context)

@@ -57,6 +57,7 @@ from aiosmtpd.smtp import Envelope
 from maildefer.mail import header_end
 from maildefer.queue.keys import NameGenerator, escape_host
 from maildefer.queue.maildir.recovery import clean_tmp
+from maildefer.queue.maildir.writer import write_all
 from maildefer.queue.spooled import SpooledContent
 from maildefer.settings import ServerSettings, Settings
 
@@ -208,7 +209,7 @@ class MessageSink:
         self._written = 0  # bytes in the file (dot-unstuffed: not the same count)
         self._fd: int | None = None
         self._path: str | None = None
-        self._hasher = hashlib.sha256()
+        self._hasher: hashlib._Hash | None = None  # on the first write: most mail never is
         self._head: bytes | None = None
         self._writing: concurrent.futures.Future[None] | None = None
         self._spooling = False
@@ -250,6 +251,7 @@ class MessageSink:
         if self.failed or self._path is None:
             return None
         head = self._head or b""
+        assert self._hasher is not None  # a spool file was written (its path is set)
         digest = self._hasher.hexdigest()
         return SpooledContent(self._path, head, len(head), self._written - len(head), digest)
 
@@ -308,10 +310,10 @@ class MessageSink:
                 break
             else:
                 raise OSError(f"{self._spool.directory}: no free spool file name")
+        if self._hasher is None:
+            self._hasher = hashlib.sha256()
         self._hasher.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        write_all(self._fd, chunk)
         self._written += len(chunk)
 
     def _remove_file(self) -> None:
