@@ -48,7 +48,6 @@ from maildefer.queue.amqp.topology import (
     H_QUEUE,
     H_QUEUED_AT,
     H_RECOVERIES,
-    RETRY_LADDER_MS,
     Topology,
     dead_letter_name,
     parse_url,
@@ -193,19 +192,6 @@ class AmqpAdmin:
     ) -> None:
         await self.close()
 
-    def delay_candidates(self) -> list[str]:
-        """Every delay queue the queue may have: its backoffs' and the retry ladder's.
-
-        Example:
-            >>> o = QueueOptions(retry_delay=30, retry_max_delay=60, max_attempts=3)
-            >>> AmqpAdmin("amqp://h/?queue=q", options=o).delay_candidates()[:2]
-            ['q.delay.1000', 'q.delay.2000']
-            >>> len(AmqpAdmin("amqp://h/?queue=q", options=o).delay_candidates())
-            19
-        """
-        bases = {*self._topology.delay_bases(), *RETRY_LADDER_MS}
-        return [self._topology.delay_name(base) for base in sorted(bases)]
-
     async def counts(self) -> AmqpCounts:
         """Ready, delayed and undeliverable messages; a queue that does not exist is 0.
 
@@ -213,7 +199,7 @@ class AmqpAdmin:
             QueueError: the broker cannot be reached or failed.
         """
         await self._link.channel()
-        delays = self.delay_candidates()
+        delays = self._topology.delay_candidates()
         found = await self._link.counts([self.name, self.dead_name, *delays])
         dead = 0 if self.is_dead_letter_queue else found.get(self.dead_name, 0)
         return AmqpCounts(

@@ -164,6 +164,20 @@ class Topology:
         wanted = delay * 1000
         return next((rung for rung in RETRY_LADDER_MS if rung >= wanted), RETRY_LADDER_MS[-1])
 
+    def delay_candidates(self) -> list[str]:
+        """Every delay queue the queue may have: its backoffs' and the retry ladder's.
+
+        A ``Retry``'s queue of an earlier run (or another process) may hold messages, so
+        looking for the delay queues means looking for all of these.
+
+        Example:
+            >>> t = Topology("q", "d", QueueOptions(retry_delay=30, retry_max_delay=60))
+            >>> t.delay_candidates()[:2], len(t.delay_candidates())
+            (['q.delay.1000', 'q.delay.2000'], 19)
+        """
+        bases = {*self.delay_bases(), *RETRY_LADDER_MS}
+        return [self.delay_name(base) for base in sorted(bases)]
+
     def ready_queues(self) -> list[str]:
         """The queue and the delay queues known to exist: where its messages wait.
 
@@ -224,8 +238,7 @@ class Topology:
         """
         # The retry ladder too: a Retry's queue of an earlier run holds messages that
         # count() and clear() must see.
-        bases = {*self.delay_bases(), *RETRY_LADDER_MS}
-        candidates = [self.delay_name(b) for b in sorted(bases)]
+        candidates = self.delay_candidates()
         existing = await ready_counts(
             connection, [self.dead_name, self.name, *candidates], label=self.name
         )
